@@ -1,0 +1,195 @@
+"""Turning text into a RetroMAE pre-training batch: the six tensors `RetroMAEForPreTraining` reads.
+
+The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
+[CLS], [SEP] or padding; the encoder's chosen tokens are replaced BERT-style; every row of the
+enhanced-decoding mask draws its own aggressive pattern and hides its own position. Everything
+is built with tensor operations on a seeded `torch.Generator`, so batches are reproducible and
+cheap enough for one worker to feed a GPU.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+IGNORE_INDEX = -100
+
+
+class RetroMAECollator:
+    """
+    Build RetroMAE batches from texts or token ids.
+
+    Args:
+        tokenizer: a BERT-style tokenizer (WordPiece: a word is a token plus its `##`
+            continuations; with other vocabularies every token counts as a word).
+        encoder_mask_ratio: share of each sequence's non-special tokens masked for the encoder.
+        decoder_mask_ratio: share hidden from each row of the enhanced-decoding mask.
+        max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
+        seed: seeds the collator's own `torch.Generator`; `None` draws from torch's global
+            generator (what `Trainer` seeds, saves in checkpoints and restores on resume).
+
+    An example is a string, a dict with a `text` string or `input_ids`, or a sequence of token
+    ids; token ids get [CLS] and [SEP] added when they do not already start and end with them.
+    Empty text, non-text input and sequences with nothing but special tokens raise `ValueError`
+    or `TypeError` naming the example.
+
+    Returns a dict of:
+        encoder_input_ids (batch, seq), encoder_attention_mask (batch, seq),
+        encoder_labels (batch, seq): original ids at masked positions, -100 elsewhere;
+        decoder_input_ids (batch, seq): the original ids;
+        decoder_attention_mask (batch, seq, seq): True where query row i may attend to position j;
+        decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder_mask_ratio: float = 0.30,
+        decoder_mask_ratio: float = 0.50,
+        max_length: int = 512,
+        seed: int | None = None,
+    ):
+        for name, ratio in (("encoder_mask_ratio", encoder_mask_ratio), ("decoder_mask_ratio", decoder_mask_ratio)):
+            if not 0.0 < ratio < 1.0:
+                raise ValueError(f"{name} must lie strictly between 0 and 1, got {ratio!r}.")
+        if max_length < 3:
+            raise ValueError(f"max_length must leave room for [CLS], a token and [SEP], got {max_length!r}.")
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
+            raise ValueError("The tokenizer needs [CLS], [SEP] and [MASK] tokens (a BERT-style tokenizer).")
+        self.tokenizer = tokenizer
+        self.encoder_mask_ratio = encoder_mask_ratio
+        self.decoder_mask_ratio = decoder_mask_ratio
+        self.max_length = max_length
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.vocab_size = len(tokenizer)
+        self.is_special = self._vocabulary_flags(tokenizer.all_special_ids)
+        self.is_continuation = self._vocabulary_flags(
+            [i for token, i in tokenizer.get_vocab().items() if token.startswith("##")]
+        )
+
+    def _vocabulary_flags(self, ids: Sequence[int]) -> torch.BoolTensor:
+        flags = torch.zeros(self.vocab_size, dtype=torch.bool)
+        flags[torch.tensor(sorted(ids), dtype=torch.long)] = True
+        return flags
+
+    def __call__(self, examples: Sequence) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = self.pad(self.tokenize(examples))
+        content = attention_mask & ~self.is_special[input_ids]  # (batch, seq) maskable tokens
+        encoder_input_ids, encoder_labels = self.mask_for_encoder(input_ids, content)
+        return {
+            "encoder_input_ids": encoder_input_ids,
+            "encoder_attention_mask": attention_mask.long(),
+            "encoder_labels": encoder_labels,
+            "decoder_input_ids": input_ids,
+            "decoder_attention_mask": self.enhanced_decoding_mask(input_ids, content, attention_mask),
+            "decoder_labels": input_ids.masked_fill(~content, IGNORE_INDEX),
+        }
+
+    def tokenize(self, examples: Sequence) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP], truncated to `max_length`; bad examples raise naming their index."""
+        if isinstance(examples, (str, Mapping)) or len(examples) == 0:
+            raise ValueError("RetroMAECollator takes a non-empty list of examples.")
+        texts, sequences = {}, {}
+        for index, example in enumerate(examples):
+            if isinstance(example, Mapping):
+                example = example.get("input_ids", example.get("text"))
+            if isinstance(example, str):
+                if not example.strip():
+                    raise ValueError(f"Example {index} is empty text: there is nothing to reconstruct.")
+                texts[index] = example
+            elif isinstance(example, (Sequence, torch.Tensor)) and all(isinstance(i, int) for i in list(example)):
+                sequences[index] = self._with_special_tokens([int(i) for i in example])
+            else:
+                raise TypeError(
+                    f"Example {index} is a {type(example).__name__}; expected text, token ids, "
+                    "or a dict with 'text' or 'input_ids'."
+                )
+        if texts:
+            encoded = self.tokenizer(list(texts.values()), truncation=True, max_length=self.max_length)
+            sequences.update(zip(texts, encoded["input_ids"]))
+        ordered = [sequences[index] for index in range(len(examples))]
+        for index, ids in enumerate(ordered):
+            if not any(not self.is_special[i] for i in ids):
+                raise ValueError(f"Example {index} holds only special tokens: there is nothing to reconstruct.")
+        return ordered
+
+    def _with_special_tokens(self, ids: list[int]) -> list[int]:
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        if not (ids and ids[0] == cls and ids[-1] == sep):
+            ids = [cls, *ids, sep]
+        if len(ids) > self.max_length:
+            ids = ids[: self.max_length - 1] + [sep]
+        return ids
+
+    def pad(self, sequences: list[list[int]]) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Right-pad to the longest sequence: (batch, seq) ids and (batch, seq) True = real token."""
+        seq_length = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), seq_length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), seq_length), dtype=torch.bool)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = True
+        return input_ids, attention_mask
+
+    def mask_for_encoder(
+        self, input_ids: torch.LongTensor, content: torch.BoolTensor
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Whole-word masking at `encoder_mask_ratio`, chosen tokens 80% [MASK], 10% random, 10% kept."""
+        chosen = self.whole_word_mask(input_ids, content, self.encoder_mask_ratio, patterns=1)[:, 0]
+        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+        draw = torch.rand(input_ids.shape, generator=self.generator)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=self.generator)
+        masked = input_ids.masked_fill(chosen & (draw < 0.8), self.tokenizer.mask_token_id)
+        masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, masked)
+        return masked, labels
+
+    def enhanced_decoding_mask(
+        self, input_ids: torch.LongTensor, content: torch.BoolTensor, attention_mask: torch.BoolTensor
+    ) -> torch.BoolTensor:
+        """
+        The position-specific attention mask of enhanced decoding (paper §3.3, Eq. 7).
+
+        Row i hides a whole-word pattern drawn for that row at `decoder_mask_ratio`, its own
+        position i, and padding; it sees everything else, [CLS] (the sentence embedding) and
+        [SEP] included, since patterns never take special tokens.
+        """
+        seq_length = input_ids.shape[1]
+        hidden = self.whole_word_mask(input_ids, content, self.decoder_mask_ratio, patterns=seq_length)
+        hidden |= torch.eye(seq_length, dtype=torch.bool)  # (batch, seq, seq) a row never sees itself
+        return ~hidden & attention_mask[:, None, :]  # (batch, seq, seq) True = may attend
+
+    def whole_word_mask(
+        self, input_ids: torch.LongTensor, content: torch.BoolTensor, ratio: float, patterns: int
+    ) -> torch.BoolTensor:
+        """
+        Draw `patterns` independent whole-word masks per sequence: (batch, patterns, seq), True = masked.
+
+        Words are taken in a random order while the tokens chosen stay within round(ratio x N)
+        for N non-special tokens; the first word in that order is always taken, so every
+        sequence with content has at least one masked token.
+        """
+        word_ids, word_lengths = self._words(input_ids, content)  # (batch, seq), (batch, words)
+        batch, num_words = word_lengths.shape
+        budget = (content.sum(1) * ratio).round().clamp(min=1)  # (batch,)
+        keys = torch.rand((batch, patterns, num_words), generator=self.generator)
+        keys = keys.masked_fill(word_lengths[:, None] == 0, 2.0)  # absent words sort last
+        order = keys.argsort(dim=-1)  # (batch, patterns, words) a random order of the words
+        lengths_in_order = word_lengths[:, None].expand(-1, patterns, -1).gather(-1, order)
+        taken_in_order = lengths_in_order.cumsum(-1) <= budget[:, None, None]
+        taken_in_order[..., 0] = True
+        taken = torch.zeros_like(taken_in_order).scatter_(-1, order, taken_in_order)
+        taken &= word_lengths[:, None] > 0
+        token_words = word_ids[:, None].expand(-1, patterns, -1)  # (batch, patterns, seq)
+        return taken.gather(-1, token_words) & content[:, None]
+
+    def _words(self, input_ids: torch.LongTensor, content: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Index of the word each content token belongs to (specials map to a last, empty slot) and word lengths."""
+        starts = content & ~self.is_continuation[input_ids]
+        starts[:, 0] |= content[:, 0]
+        word_ids = starts.long().cumsum(1) - 1  # (batch, seq)
+        num_words = int(word_ids.max()) + 2
+        word_ids = word_ids.clamp(min=0).masked_fill(~content, num_words - 1)
+        word_lengths = torch.zeros((input_ids.shape[0], num_words), dtype=torch.long)
+        word_lengths.scatter_add_(1, word_ids, content.long())
+        return word_ids, word_lengths

@@ -1,0 +1,80 @@
+"""RetroMAE configuration: a BERT encoder's settings plus the pre-training settings of RetroMAE.
+
+This file is Hub remote code: it imports only transformers (and huggingface_hub, which
+transformers itself depends on), so it runs unchanged when downloaded with a model.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_retromae.RetroMAEConfig",
+    "AutoModel": "modeling_retromae.RetroMAEModel",
+    "AutoModelForMaskedLM": "modeling_retromae.RetroMAEForMaskedLM",
+    "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
+}
+
+
+@strict
+class RetroMAEConfig(BertConfig):
+    r"""
+    Configuration of a RetroMAE model (Xiao et al., EMNLP 2022, arXiv 2205.12035).
+
+    Every field of [`BertConfig`] describes the encoder, which is a full BERT of any size.
+    The fields below describe RetroMAE pre-training; their defaults are the authors'.
+
+    Args:
+        encoder_mask_ratio (`float`, *optional*, defaults to 0.30):
+            Share of the (non-special) tokens the encoder sees masked, chosen as whole words and
+            replaced BERT-style (80% [MASK], 10% random, 10% unchanged). Paper range 0.15-0.30.
+        decoder_mask_ratio (`float`, *optional*, defaults to 0.50):
+            Share of the tokens hidden from each row of the enhanced-decoding attention mask
+            (whole words, drawn afresh for every row). Paper range 0.50-0.70.
+        num_decoder_layers (`int`, *optional*, defaults to 1):
+            Transformer layers in the decoder. The paper uses one: a weak decoder forces the
+            sentence embedding to carry the information.
+        auto_map (`dict`, *optional*):
+            Maps the Auto classes to this remote code; filled in so that `AutoConfig`,
+            `AutoModel`, `AutoModelForMaskedLM` and `AutoModelForPreTraining` all resolve from a
+            saved folder with `trust_remote_code=True`.
+
+    Example:
+
+    ```python
+    >>> from retromae import RetroMAEConfig, RetroMAEForPreTraining
+    >>> config = RetroMAEConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512)
+    >>> model = RetroMAEForPreTraining(config)
+    ```
+    """
+
+    model_type = "retromae"
+
+    encoder_mask_ratio: float = 0.30
+    decoder_mask_ratio: float = 0.50
+    num_decoder_layers: int = 1
+
+    def __post_init__(self, **kwargs):
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
+        self._check_retromae_fields()
+        super().__post_init__(**kwargs)
+
+    def _check_retromae_fields(self):
+        """Raise `ValueError` naming the field when a setting cannot describe a RetroMAE model."""
+        for field in ("encoder_mask_ratio", "decoder_mask_ratio"):
+            value = getattr(self, field)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{field} must lie strictly between 0 and 1, got {value!r}.")
+        if self.num_decoder_layers < 1:
+            raise ValueError(f"num_decoder_layers must be at least 1, got {self.num_decoder_layers!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+
+
+RetroMAEConfig.register_for_auto_class()
+
+__all__ = ["RetroMAEConfig"]

