@@ -1,0 +1,198 @@
+"""The model against the spec: a hand-computed reference loss, training, attention backends."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel
+
+from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel
+
+from conftest import TEXTS
+
+
+def layer_norm(x, module):
+    return F.layer_norm(x, x.shape[-1:], module.weight, module.bias, module.eps)
+
+
+def linear(x, module):
+    return x @ module.weight.T + module.bias
+
+
+def reference_mlm_loss(model, hidden, labels):
+    """The MLM head over every position, cross entropy over the labelled ones (the direct form)."""
+    head = model.cls.predictions
+    transformed = layer_norm(F.gelu(linear(hidden, head.transform.dense)), head.transform.LayerNorm)
+    logits = transformed @ model.bert.embeddings.word_embeddings.weight.T + head.bias
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def reference_losses(model, batch):
+    """RetroMAE's two losses recomputed step by step from ../shared/docs/retromae.md."""
+    embeddings = model.bert.embeddings
+    encoder_hidden = model.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+    encoder_loss = reference_mlm_loss(model, encoder_hidden, batch["encoder_labels"])
+
+    ids = batch["decoder_input_ids"]
+    batch_size, seq = ids.shape
+    h_x = encoder_hidden[:, 0]  # the sentence embedding
+    positions = embeddings.position_embeddings.weight[:seq]
+    token_type = embeddings.token_type_embeddings.weight[0]
+    h2 = layer_norm(embeddings.word_embeddings.weight[ids] + positions + token_type, embeddings.LayerNorm)
+    h2 = torch.cat([h_x[:, None], h2[:, 1:]], dim=1)  # content stream
+    h1 = h_x[:, None] + positions  # query stream
+
+    layer = model.decoder.layers[0]
+    attention = layer.attention.self
+    heads, head_size = attention.num_attention_heads, attention.attention_head_size
+
+    def split(x):
+        return x.view(batch_size, seq, heads, head_size).transpose(1, 2)
+
+    q, k, v = split(linear(h1, attention.query)), split(linear(h2, attention.key)), split(linear(h2, attention.value))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_size)
+    scores = scores.masked_fill(~batch["decoder_attention_mask"][:, None], float("-inf"))
+    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, seq, heads * head_size)
+    attended = layer_norm(linear(context, layer.attention.output.dense) + h1, layer.attention.output.LayerNorm)
+    hidden = F.gelu(linear(attended, layer.intermediate.dense))
+    decoded = layer_norm(linear(hidden, layer.output.dense) + attended, layer.output.LayerNorm)
+    decoder_loss = reference_mlm_loss(model, decoded, batch["decoder_labels"])
+    return encoder_loss, decoder_loss
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_losses_match_a_hand_computed_reference(tiny_config, batch, attn_implementation):
+    model = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():
+        output = model(**batch)
+        encoder_loss, decoder_loss = reference_losses(model, batch)
+    assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
+    assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
+    assert output.loss.item() == pytest.approx((encoder_loss + decoder_loss).item(), abs=1e-5)
+
+
+def test_untrained_losses_are_near_log_vocabulary(tiny_config, batch):
+    output = RetroMAEForPreTraining(tiny_config).eval()(**batch)
+    expected = math.log(tiny_config.vocab_size)
+    assert output.encoder_loss.item() == pytest.approx(expected, rel=0.05)
+    assert output.decoder_loss.item() == pytest.approx(expected, rel=0.05)
+
+
+def test_logits_are_returned_only_when_asked(tiny_config, batch):
+    model = RetroMAEForPreTraining(tiny_config).eval()
+    plain = model(**batch)
+    assert plain.encoder_logits is None and plain.decoder_logits is None
+    asked = model(**batch, return_logits=True)
+    batch_size, seq = batch["decoder_input_ids"].shape
+    assert asked.decoder_logits.shape == (batch_size, seq, tiny_config.vocab_size)
+    full_loss = F.cross_entropy(asked.decoder_logits.flatten(0, 1), batch["decoder_labels"].flatten(), ignore_index=-100)
+    assert asked.decoder_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
+    assert torch.equal(asked.loss, plain.loss)
+
+
+def test_word_embeddings_and_mlm_decoder_are_tied(tiny_config):
+    model = RetroMAEForPreTraining(tiny_config)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.get_output_embeddings() is model.cls.predictions.decoder
+
+
+def test_one_optimizer_step_lowers_the_loss_and_reaches_encoder_and_decoder(tiny_config, batch):
+    model = RetroMAEForPreTraining(tiny_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model(**batch)
+    before.loss.backward()
+    for name in (
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.position_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "decoder.layers.0.attention.self.query.weight",
+        "decoder.layers.0.attention.self.key.weight",
+        "decoder.layers.0.output.dense.weight",
+        "cls.predictions.transform.dense.weight",
+    ):
+        gradient = model.get_parameter(name).grad
+        assert gradient is not None and gradient.abs().sum() > 0, name
+    optimizer.step()
+    after = model(**batch)
+    assert after.encoder_loss < before.encoder_loss
+    assert after.decoder_loss < before.decoder_loss
+
+
+def test_decoder_loss_flows_into_the_sentence_embedding(tiny_config, batch):
+    """The decoder only sees the encoder through h_X: its loss must train the last encoder layer's [CLS]."""
+    model = RetroMAEForPreTraining(tiny_config)
+    model(**batch).decoder_loss.backward()
+    assert model.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
+
+
+def test_sdpa_and_eager_give_the_same_losses(tiny_config, batch):
+    sdpa = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="sdpa").eval()
+    eager = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa(**batch).loss.item() == pytest.approx(eager(**batch).loss.item(), abs=1e-5)
+
+
+def test_flash_attention_is_refused_with_a_clear_error(tiny_config):
+    with pytest.raises(ValueError, match="(?i)flash"):
+        RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="flash_attention_2")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch):
+    plain = RetroMAEForPreTraining(tiny_config).train()
+    checkpointed = RetroMAEForPreTraining(tiny_config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    assert checkpointed.decoder.layers[0].gradient_checkpointing
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name, parameter in plain.named_parameters():
+        torch.testing.assert_close(parameter.grad, checkpointed.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
+
+
+def test_more_decoder_layers_are_built_and_trained(tiny_config, batch):
+    tiny_config.num_decoder_layers = 2
+    model = RetroMAEForPreTraining(tiny_config)
+    assert len(model.decoder.layers) == 2
+    model(**batch).loss.backward()
+    assert model.decoder.layers[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_sentence_embedding_is_the_final_cls_state(tiny_config, batch):
+    model = RetroMAEModel(tiny_config).eval()
+    output = model(batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
+    assert torch.equal(output.sentence_embedding, output.last_hidden_state[:, 0])
+    pretraining = RetroMAEForPreTraining(tiny_config).eval()
+    pretraining.bert.load_state_dict(model.state_dict())
+    assert torch.allclose(pretraining(**batch).sentence_embedding, model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).sentence_embedding)
+
+
+def test_encoder_is_bert_with_the_same_weights(tiny_config, batch):
+    model = RetroMAEModel(tiny_config).eval()
+    bert = BertModel(BertConfig(**tiny_config.to_dict()), add_pooling_layer=False).eval()
+    missing, unexpected = bert.load_state_dict(model.state_dict(), strict=True)
+    assert not missing and not unexpected
+    ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, bert(ids, attention_mask=mask).last_hidden_state)
+
+
+def test_hidden_states_and_tuples_are_returned_as_transformers_users_expect(tiny_config, batch):
+    model = RetroMAEModel(tiny_config).eval()
+    ids = batch["decoder_input_ids"]
+    output = model(ids, output_hidden_states=True)
+    assert len(output.hidden_states) == tiny_config.num_hidden_layers + 1
+    as_tuple = model(ids, return_dict=False)
+    assert torch.equal(as_tuple[0], output.last_hidden_state)
+
+
+def test_collated_text_of_different_lengths_trains_in_bf16(tiny_config, tokenizer):
+    model = RetroMAEForPreTraining(tiny_config).to(torch.bfloat16)
+    batch = RetroMAECollator(tokenizer, seed=1)(TEXTS[:3])
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()

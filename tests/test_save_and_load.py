@@ -1,0 +1,156 @@
+"""Round trips: save_pretrained, the Auto classes through remote code, a Hub cache, real BERT weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForPreTraining,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+)
+
+from retromae import RetroMAEConfig, RetroMAEForPreTraining, RetroMAEModel
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_config):
+    """A RetroMAEForPreTraining saved with save_pretrained, and the model itself."""
+    model = RetroMAEForPreTraining(tiny_config).eval()
+    model.save_pretrained(tmp_path / "retromae")
+    return tmp_path / "retromae", model
+
+
+def test_saved_folder_holds_safetensors_config_with_auto_map_and_both_code_files(saved):
+    folder, _ = saved
+    assert sorted(os.listdir(folder)) == [
+        "config.json",
+        "configuration_retromae.py",
+        "model.safetensors",
+        "modeling_retromae.py",
+    ]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "retromae"
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForPreTraining"}
+
+
+def test_every_auto_class_resolves_through_remote_code(saved):
+    folder, _ = saved
+    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "RetroMAEConfig"
+    for auto_class, expected in (
+        (AutoModel, "RetroMAEModel"),
+        (AutoModelForMaskedLM, "RetroMAEForMaskedLM"),
+        (AutoModelForPreTraining, "RetroMAEForPreTraining"),
+    ):
+        loaded = auto_class.from_pretrained(folder, trust_remote_code=True)
+        assert type(loaded).__name__ == expected
+        assert type(loaded).__module__.startswith("transformers_modules.")
+
+
+def test_auto_models_from_the_folder_give_identical_outputs(saved, batch):
+    folder, model = saved
+    with torch.no_grad():
+        reloaded = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+        assert torch.equal(reloaded(**batch).loss, model(**batch).loss)
+        encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
+        assert torch.equal(encoder(ids, attention_mask=mask).sentence_embedding, model.bert(ids, attention_mask=mask).sentence_embedding)
+        masked_lm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+        expected = model.cls(model.bert(ids, attention_mask=mask).last_hidden_state)
+        assert torch.equal(masked_lm(ids, attention_mask=mask).logits, expected)
+
+
+def test_saved_model_loads_as_plain_bert(saved, batch):
+    folder, model = saved
+    ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
+    with torch.no_grad():
+        bert = BertModel.from_pretrained(folder).eval()
+        assert torch.equal(bert(ids, attention_mask=mask).last_hidden_state, model.bert(ids, attention_mask=mask).last_hidden_state)
+        masked_lm = BertForMaskedLM.from_pretrained(folder).eval()
+        expected = model.cls(model.bert(ids, attention_mask=mask).last_hidden_state)
+        assert torch.equal(masked_lm(ids, attention_mask=mask).logits, expected)
+
+
+def test_no_pickle_is_written(saved):
+    folder, _ = saved
+    assert not [name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+def build_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lay a saved folder out as the Hub cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_loads_by_repo_id_from_an_offline_hub_cache(saved, tmp_path, batch):
+    folder, model = saved
+    cache = tmp_path / "hub"
+    build_hub_cache(cache, "org/retromae", folder)
+    ids = batch["decoder_input_ids"][:2]
+    expected = model.bert(ids).sentence_embedding
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoModelForPreTraining
+        ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)
+        AutoModelForPreTraining.from_pretrained("org/retromae", trust_remote_code=True)
+        model = AutoModel.from_pretrained("org/retromae", trust_remote_code=True).eval()
+        print(type(model).__name__)
+        torch.save(model(ids).sentence_embedding.detach(), {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RetroMAEModel" in result.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected.detach())
+
+
+def test_real_bert_checkpoint_gives_the_same_hidden_states(minilm_path, tokenizer, tmp_path):
+    bert = BertModel.from_pretrained(minilm_path).eval()
+    retromae = RetroMAEModel.from_pretrained(minilm_path).eval()
+    inputs = tokenizer(["RetroMAE reuses BERT.", "A second, longer sentence about dense retrieval."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**inputs).last_hidden_state
+        torch.testing.assert_close(retromae(**inputs).last_hidden_state, expected, atol=1e-5, rtol=0)
+        retromae.save_pretrained(tmp_path / "converted")
+        assert type(AutoModel.from_pretrained(tmp_path / "converted", trust_remote_code=True)).__name__ == "RetroMAEModel"
+        reloaded = BertModel.from_pretrained(tmp_path / "converted").eval()
+        torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected, atol=1e-5, rtol=0)
+
+
+def test_pretraining_starts_from_a_bert_for_masked_lm_checkpoint(tmp_path, tiny_config):
+    bert_config = BertConfig(**{k: v for k, v in tiny_config.to_dict().items() if k in BertConfig().to_dict()})
+    source = BertForMaskedLM(bert_config)
+    source.save_pretrained(tmp_path / "bert")
+    model = RetroMAEForPreTraining.from_pretrained(tmp_path / "bert")
+    assert isinstance(model.config, RetroMAEConfig)
+    source_state = source.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("bert.", "cls.")):
+            assert torch.equal(tensor, source_state[name]), name
+    decoder_query = model.decoder.layers[0].attention.self.query.weight
+    assert decoder_query.std().item() == pytest.approx(tiny_config.initializer_range, rel=0.3)
+    assert torch.equal(model.decoder.layers[0].output.LayerNorm.weight, torch.ones(tiny_config.hidden_size))
+
+
+def test_pretraining_starts_from_a_plain_bert_checkpoint(minilm_path):
+    model = RetroMAEForPreTraining.from_pretrained(minilm_path)
+    encoder_state = model.bert.state_dict()
+    for name, tensor in BertModel.from_pretrained(minilm_path).state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(encoder_state[name], tensor), name
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
