@@ -5,8 +5,13 @@ The masking follows the paper (§3.2-3.3) and the authors' code: whole words are
 enhanced-decoding mask draws its own aggressive pattern and hides its own position. Everything
 is built with tensor operations on a seeded `torch.Generator`, so batches are reproducible and
 cheap enough for one worker to feed a GPU.
+
+With a seed, a batch's masks are a pure function of (seed, epoch, the batch's tokens): a run
+draws the same masks again when it is repeated or resumed from a checkpoint, however the data
+loader prefetches, and a new epoch (`set_epoch`) draws new ones.
 """
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,8 +31,8 @@ class RetroMAECollator:
         encoder_mask_ratio: share of each sequence's non-special tokens masked for the encoder.
         decoder_mask_ratio: share hidden from each row of the enhanced-decoding mask.
         max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
-        seed: seeds the collator's own `torch.Generator`; `None` draws from torch's global
-            generator (what `Trainer` seeds, saves in checkpoints and restores on resume).
+        seed: makes masking reproducible: each batch's masks are drawn from a generator seeded
+            by (seed, epoch, the batch's token ids). `None` draws from torch's global generator.
 
     An example is a string, a dict with a `text` string or `input_ids`, or a sequence of token
     ids; token ids get [CLS] and [SEP] added when they do not already start and end with them.
@@ -61,7 +66,8 @@ class RetroMAECollator:
         self.encoder_mask_ratio = encoder_mask_ratio
         self.decoder_mask_ratio = decoder_mask_ratio
         self.max_length = max_length
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed = seed
+        self.epoch = 0
         self.vocab_size = len(tokenizer)
         self.is_special = self._vocabulary_flags(tokenizer.all_special_ids)
         self.is_continuation = self._vocabulary_flags(
@@ -73,18 +79,31 @@ class RetroMAECollator:
         flags[torch.tensor(sorted(ids), dtype=torch.long)] = True
         return flags
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new masks for a new pass over the data (as a sampler's `set_epoch` reshuffles)."""
+        self.epoch = epoch
+
     def __call__(self, examples: Sequence) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self.pad(self.tokenize(examples))
         content = attention_mask & ~self.is_special[input_ids]  # (batch, seq) maskable tokens
-        encoder_input_ids, encoder_labels = self.mask_for_encoder(input_ids, content)
+        generator = self.generator_for(input_ids)
+        encoder_input_ids, encoder_labels = self.mask_for_encoder(input_ids, content, generator)
         return {
             "encoder_input_ids": encoder_input_ids,
             "encoder_attention_mask": attention_mask.long(),
             "encoder_labels": encoder_labels,
             "decoder_input_ids": input_ids,
-            "decoder_attention_mask": self.enhanced_decoding_mask(input_ids, content, attention_mask),
+            "decoder_attention_mask": self.enhanced_decoding_mask(input_ids, content, attention_mask, generator),
             "decoder_labels": input_ids.masked_fill(~content, IGNORE_INDEX),
         }
+
+    def generator_for(self, input_ids: torch.LongTensor) -> torch.Generator | None:
+        """The generator for one batch: seeded by (seed, epoch, token ids), or `None` for torch's global one."""
+        if self.seed is None:
+            return None
+        key = f"{self.seed}:{self.epoch}".encode()
+        digest = hashlib.blake2b(input_ids.numpy().tobytes(), digest_size=8, key=key).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
     def tokenize(self, examples: Sequence) -> list[list[int]]:
         """Token ids with [CLS]/[SEP], truncated to `max_length`; bad examples raise naming their index."""
@@ -133,19 +152,23 @@ class RetroMAECollator:
         return input_ids, attention_mask
 
     def mask_for_encoder(
-        self, input_ids: torch.LongTensor, content: torch.BoolTensor
+        self, input_ids: torch.LongTensor, content: torch.BoolTensor, generator: torch.Generator | None
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Whole-word masking at `encoder_mask_ratio`, chosen tokens 80% [MASK], 10% random, 10% kept."""
-        chosen = self.whole_word_mask(input_ids, content, self.encoder_mask_ratio, patterns=1)[:, 0]
+        chosen = self.whole_word_mask(input_ids, content, self.encoder_mask_ratio, 1, generator)[:, 0]
         labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
-        draw = torch.rand(input_ids.shape, generator=self.generator)
-        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=self.generator)
+        draw = torch.rand(input_ids.shape, generator=generator)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
         masked = input_ids.masked_fill(chosen & (draw < 0.8), self.tokenizer.mask_token_id)
         masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, masked)
         return masked, labels
 
     def enhanced_decoding_mask(
-        self, input_ids: torch.LongTensor, content: torch.BoolTensor, attention_mask: torch.BoolTensor
+        self,
+        input_ids: torch.LongTensor,
+        content: torch.BoolTensor,
+        attention_mask: torch.BoolTensor,
+        generator: torch.Generator | None,
     ) -> torch.BoolTensor:
         """
         The position-specific attention mask of enhanced decoding (paper §3.3, Eq. 7).
@@ -155,12 +178,17 @@ class RetroMAECollator:
         [SEP] included, since patterns never take special tokens.
         """
         seq_length = input_ids.shape[1]
-        hidden = self.whole_word_mask(input_ids, content, self.decoder_mask_ratio, patterns=seq_length)
+        hidden = self.whole_word_mask(input_ids, content, self.decoder_mask_ratio, seq_length, generator)
         hidden |= torch.eye(seq_length, dtype=torch.bool)  # (batch, seq, seq) a row never sees itself
         return ~hidden & attention_mask[:, None, :]  # (batch, seq, seq) True = may attend
 
     def whole_word_mask(
-        self, input_ids: torch.LongTensor, content: torch.BoolTensor, ratio: float, patterns: int
+        self,
+        input_ids: torch.LongTensor,
+        content: torch.BoolTensor,
+        ratio: float,
+        patterns: int,
+        generator: torch.Generator | None,
     ) -> torch.BoolTensor:
         """
         Draw `patterns` independent whole-word masks per sequence: (batch, patterns, seq), True = masked.
@@ -172,7 +200,7 @@ class RetroMAECollator:
         word_ids, word_lengths = self._words(input_ids, content)  # (batch, seq), (batch, words)
         batch, num_words = word_lengths.shape
         budget = (content.sum(1) * ratio).round().clamp(min=1)  # (batch,)
-        keys = torch.rand((batch, patterns, num_words), generator=self.generator)
+        keys = torch.rand((batch, patterns, num_words), generator=generator)
         keys = keys.masked_fill(word_lengths[:, None] == 0, 2.0)  # absent words sort last
         order = keys.argsort(dim=-1)  # (batch, patterns, words) a random order of the words
         lengths_in_order = word_lengths[:, None].expand(-1, patterns, -1).gather(-1, order)

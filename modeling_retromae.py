@@ -235,7 +235,6 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         decoder_attention_mask: torch.BoolTensor,
         decoder_labels: torch.LongTensor,
         return_logits: bool = False,
-        **kwargs,
     ) -> RetroMAEForPreTrainingOutput:
         """
         Compute the RetroMAE loss for one batch.
@@ -244,7 +243,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         query row may attend. With `return_logits=True` the MLM scores over the whole sequence
         are returned as well; the losses are the same either way.
         """
-        encoder_output = self.bert(encoder_input_ids, attention_mask=encoder_attention_mask, **kwargs)
+        encoder_output = self.bert(encoder_input_ids, attention_mask=encoder_attention_mask)
         sentence_embedding = encoder_output.sentence_embedding  # (batch, hidden)
         encoder_loss = self.masked_lm_loss(encoder_output.last_hidden_state, encoder_labels)
 

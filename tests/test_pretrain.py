@@ -1,0 +1,174 @@
+"""`retromae pretrain` end to end on a tiny model: output, resume, multi-process, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, BertModel, TrainerCallback
+
+from retromae import pretrain
+from retromae.cli import build_parser, main
+
+from conftest import TEXTS
+
+
+CORPUS = [f"{text} Passage number {i} repeats it with a twist of words." for i in range(8) for text in TEXTS]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS) + "\n\n")
+    return path
+
+
+def tiny_run(corpus, output_dir, *extra):
+    return [
+        "pretrain",
+        "--config", "tiny",
+        "--train-data", str(corpus),
+        "--output-dir", str(output_dir),
+        "--max-length", "32",
+        "--batch-size", "4",
+        "--max-steps", "4",
+        "--logging-steps", "2",
+        "--save-steps", "2",
+        "--seed", "3",
+        *extra,
+    ]
+
+
+def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, tokenizer, capsys):
+    output_dir = tmp_path / "run"
+    assert main(tiny_run(corpus, output_dir)) == 0
+    release = output_dir / "model"
+    assert f"saved to {release}" in capsys.readouterr().out
+    names = set(os.listdir(release))
+    assert {"model.safetensors", "config.json", "configuration_retromae.py", "modeling_retromae.py", "tokenizer.json"} <= names
+    assert not any(key.startswith("decoder.") for key in load_file(release / "model.safetensors"))
+    assert any(key.startswith("decoder.") for key in load_file(output_dir / "checkpoint-4" / "model.safetensors"))
+    inputs = tokenizer(["a query about retrieval"], return_tensors="pt")
+    with torch.no_grad():
+        remote = AutoModel.from_pretrained(release, trust_remote_code=True).eval()
+        embedding = remote(**inputs).sentence_embedding
+        bert = BertModel.from_pretrained(release).eval()
+        torch.testing.assert_close(bert(**inputs).last_hidden_state[:, 0], embedding)
+    assert embedding.shape == (1, 128) and torch.isfinite(embedding).all()
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "encoder_loss" in entry]
+    assert logged and all({"decoder_loss", "tokens_per_second"} <= set(entry) for entry in logged)
+
+
+def test_jsonl_files_and_folders_are_read(tmp_path):
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for part in range(2):
+        lines = [json.dumps({"text": text, "id": i}) for i, text in enumerate(CORPUS[part::2])]
+        (folder / f"part{part}.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(tiny_run(folder, tmp_path / "run", "--max-steps", "2")) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+class CrashAfter(TrainerCallback):
+    """Simulates a killed run: raises once the given step has been checkpointed."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
+    parser = build_parser()
+    whole = parser.parse_args(tiny_run(corpus, tmp_path / "whole", "--max-steps", "6", "--save-steps", "3"))
+    pretrain.run(whole)
+
+    killed = parser.parse_args(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3"))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(killed, callbacks=[CrashAfter(4)])
+    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3"]
+    resumed = parser.parse_args(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3", "--resume"))
+    pretrain.run(resumed)
+
+    expected = load_file(tmp_path / "whole" / "checkpoint-6" / "model.safetensors")
+    actual = load_file(tmp_path / "killed" / "checkpoint-6" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "retromae.cli", *tiny_run(corpus, output_dir),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("RetroMAE encoder saved to") == 1
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(output_dir / "checkpoint-4"))
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert state["train_batch_size"] == 4
+    assert AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True) is not None
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    parser = build_parser()
+    pretraining = parser._subparsers._group_actions[0].choices["pretrain"]
+    for action in pretraining._actions:
+        assert action.help, action.dest
+        for flag in action.option_strings:
+            assert flag in text
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda tmp, args: args + ["--train-data", str(tmp / "missing.txt")], "missing.txt does not exist"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "empty.txt", ""))], "empty.txt is empty"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "bad.jsonl", '{"text": "ok"}\nnot json\n'))], "bad.jsonl:2 is not valid JSON"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl:1 has no string 'text' field"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--encoder-mask-ratio", "1.5"], "--encoder-mask-ratio must lie strictly between 0 and 1, got 1.5"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--model", str(tmp)], "Give --model or --config, not both"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message_and_writes_nothing(tmp_path, capsys, change, message):
+    output_dir = tmp_path / "out"
+    args = change(tmp_path, ["pretrain", "--config", "tiny", "--output-dir", str(output_dir)])
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
+def test_model_that_is_not_a_checkpoint_is_refused(tmp_path, corpus, capsys):
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    assert main(["pretrain", "--model", str(not_a_model), "--train-data", str(corpus), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "not a BERT or RetroMAE checkpoint" in capsys.readouterr().err
+
+
+def test_output_dir_holding_another_model_is_not_overwritten(tmp_path, corpus, capsys):
+    output_dir = tmp_path / "taken"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text('{"model_type": "bert"}')
+    assert main(tiny_run(corpus, output_dir)) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert os.listdir(output_dir) == ["config.json"]
+    assert (output_dir / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
