@@ -21,6 +21,7 @@ from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .data import corpus_files, demo_corpus, load_corpus
 from .modeling_retromae import RetroMAEForMaskedLM, RetroMAEForPreTraining
+from .sentence_transformer import add_sentence_transformers_files
 
 
 SIZES = {
@@ -332,8 +333,9 @@ def release_encoder(model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenize
     """
     Save the encoder and its MLM head, without the decoder, as a Hub-ready folder.
 
-    It loads with `AutoModel` / `AutoModelForMaskedLM` (trust_remote_code) and as plain
-    `BertModel` / `BertForMaskedLM`. Written under a temporary name, then renamed.
+    It loads with `AutoModel` / `AutoModelForMaskedLM` (trust_remote_code), as plain
+    `BertModel` / `BertForMaskedLM`, and as a CLS-pooled `SentenceTransformer`. Written under a
+    temporary name, then renamed.
     """
     encoder = RetroMAEForMaskedLM(model.config)
     encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
@@ -342,6 +344,7 @@ def release_encoder(model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenize
     def write(path: Path) -> None:
         encoder.save_pretrained(path)
         tokenizer.save_pretrained(path)
+        add_sentence_transformers_files(path, max_seq_length=min(model.config.max_position_embeddings, 512))
 
     save_atomically(folder, write)
 

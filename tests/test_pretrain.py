@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, BertModel, TrainerCallback
 
 from retromae import pretrain
@@ -58,6 +59,8 @@ def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, to
         bert = BertModel.from_pretrained(release).eval()
         torch.testing.assert_close(bert(**inputs).last_hidden_state[:, 0], embedding)
     assert embedding.shape == (1, 128) and torch.isfinite(embedding).all()
+    encoded = SentenceTransformer(str(release), trust_remote_code=True).encode(["a query about retrieval"], convert_to_tensor=True)
+    torch.testing.assert_close(encoded, embedding, atol=1e-5, rtol=0)
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "encoder_loss" in entry]
     assert logged and all({"decoder_loss", "tokens_per_second"} <= set(entry) for entry in logged)

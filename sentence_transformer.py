@@ -1,0 +1,58 @@
+"""A RetroMAE encoder as a sentence-transformers model: the final [CLS] state, as in the paper."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+)
+
+
+def to_sentence_transformer(
+    model_name_or_path: str,
+    max_seq_length: int = 512,
+    normalize: bool = False,
+    similarity: str = "cosine",
+) -> SentenceTransformer:
+    """
+    A `SentenceTransformer` over a RetroMAE (or plain BERT) checkpoint with CLS pooling.
+
+    The embedding is the encoder's final [CLS] state with no pooler layer, the vector RetroMAE
+    trains for retrieval; `normalize` adds unit-length normalisation.
+    """
+    remote_code = {"trust_remote_code": True}
+    transformer = Transformer(
+        model_name_or_path,
+        model_kwargs=remote_code,
+        config_kwargs=remote_code,
+        processor_kwargs=remote_code,
+        max_seq_length=max_seq_length,
+    )
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")]
+    if normalize:
+        modules.append(Normalize())
+    return SentenceTransformer(modules=modules, similarity_fn_name=similarity)
+
+
+def add_sentence_transformers_files(folder: str | Path, **options) -> None:
+    """
+    Write the sentence-transformers configuration into a saved model folder, weights untouched.
+
+    Afterwards `SentenceTransformer(folder, trust_remote_code=True)` loads it with CLS pooling;
+    `options` are those of `to_sentence_transformer`.
+    """
+    folder = Path(folder)
+    model = to_sentence_transformer(str(folder), **options)
+    with tempfile.TemporaryDirectory() as saved:
+        model.save(saved)
+        for name in SENTENCE_TRANSFORMERS_FILES:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(saved) / name, folder / name)
