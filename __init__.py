@@ -4,6 +4,8 @@ The imports are absolute: this file is the package's `__init__` once installed, 
 repository's top level, where test runners may import it on its own.
 """
 
+from transformers import AutoConfig
+
 from retromae.collator import RetroMAECollator
 from retromae.configuration_retromae import RetroMAEConfig
 from retromae.modeling_retromae import (
@@ -14,6 +16,11 @@ from retromae.modeling_retromae import (
     RetroMAEModelOutput,
 )
 
+
+# With the package installed, transformers reads a RetroMAE config.json without remote code, so
+# AutoTokenizer (which loads the config first) does not stop to ask whether to trust it. The
+# models still come from a folder's own code under `trust_remote_code=True`.
+AutoConfig.register(RetroMAEConfig.model_type, RetroMAEConfig)
 
 __version__ = "0.1.0"
 

@@ -154,3 +154,14 @@ def test_pretraining_starts_from_a_plain_bert_checkpoint(minilm_path):
         if not name.startswith("pooler."):
             assert torch.equal(encoder_state[name], tensor), name
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_tokenizer_of_a_saved_folder_loads_without_asking_to_trust_code(saved, tokenizer, tmp_path):
+    folder, _ = saved
+    tokenizer.save_pretrained(folder)
+    script = f"import retromae\nfrom transformers import AutoTokenizer\nprint(type(AutoTokenizer.from_pretrained({str(folder)!r})).__name__)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "BertTokenizer" in result.stdout
+    assert "custom code" not in result.stdout + result.stderr
