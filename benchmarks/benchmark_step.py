@@ -105,6 +105,20 @@ def median_seconds(step, repeats: int, warmup: int) -> float:
     return statistics.median(timings)
 
 
+def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin so that drift on a shared machine hits all alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    timings = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
 def training_step(model, optimizer, compute_loss):
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -159,10 +173,11 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         "reference": (reference, lambda: reference_loss(reference, batch)),
         "mlm": (mlm, mlm_loss),
     }
-    seconds = {
-        name: median_seconds(training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss), args.repeats, args.warmup)
+    steps = {
+        name: training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss)
         for name, (model, loss) in variants.items()
     }
+    seconds = interleaved_medians(steps, args.repeats, args.warmup)
     flops = count_flops(variants["ours"][1])
     gemm_time, gemm_flops_per_second = gemm_seconds(flops, args.repeats)
 
@@ -180,7 +195,9 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     bert.load_state_dict(ours.bert.state_dict())
     inputs = dict(input_ids=batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
     with torch.no_grad():
-        embed_seconds = {name: median_seconds(lambda m=m: m(**inputs), args.repeats, args.warmup) for name, m in (("retromae", encoder), ("bert", bert))}
+        embed_seconds = interleaved_medians(
+            {"retromae": lambda: encoder(**inputs), "bert": lambda: bert(**inputs)}, args.repeats, args.warmup
+        )
 
     return {
         "seq_length": seq_length,
