@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import pretrain
+from . import finetune, pretrain
 from .data import CorpusError
 from .evaluate import EvaluationError, evaluate, load_beir, load_model
 
@@ -31,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_arguments(pretraining)
     pretraining.set_defaults(handler=run_pretrain)
 
+    finetuning = commands.add_parser(
+        "finetune",
+        help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
+        description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
+        "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, loads with "
+        "SentenceTransformer and AutoModel (trust_remote_code=True) and keeps the remote code files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    finetune.add_arguments(finetuning)
+    finetuning.set_defaults(handler=run_finetune)
+
     evaluation = commands.add_parser(
         "evaluate",
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
@@ -54,6 +65,10 @@ def run_pretrain(args: argparse.Namespace) -> None:
     if release is not None:
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with AutoModel.from_pretrained({str(release)!r}, trust_remote_code=True)")
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    print(f"Fine-tuned model saved to {finetune.run(args)}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-from .sentence_transformer import to_sentence_transformer
+from .sentence_transformer import load_sentence_transformer
+
 
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
@@ -84,13 +85,11 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
 
 
 def load_model(model_name_or_path: str) -> SentenceTransformer:
-    """A SentenceTransformer as saved (its own pooling), or CLS pooling for a bare BERT / RetroMAE folder."""
-    path = Path(model_name_or_path)
-    if path.is_dir() and not (path / "modules.json").is_file():
-        if not (path / "config.json").is_file():
-            raise EvaluationError(f"{path} is not a model folder (no config.json).")
-        return to_sentence_transformer(str(path))
-    return SentenceTransformer(model_name_or_path, trust_remote_code=True)
+    """The model to evaluate (see `load_sentence_transformer`); a folder that is not a model raises `EvaluationError`."""
+    try:
+        return load_sentence_transformer(model_name_or_path)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:

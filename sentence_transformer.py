@@ -42,6 +42,16 @@ def to_sentence_transformer(
     return SentenceTransformer(modules=modules, similarity_fn_name=similarity)
 
 
+def load_sentence_transformer(model_name_or_path: str) -> SentenceTransformer:
+    """A SentenceTransformer as saved (its own pooling), or CLS pooling for a bare BERT / RetroMAE folder."""
+    path = Path(model_name_or_path)
+    if path.is_dir() and not (path / "modules.json").is_file():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a model folder (no config.json).")
+        return to_sentence_transformer(str(path))
+    return SentenceTransformer(model_name_or_path, trust_remote_code=True)
+
+
 def add_sentence_transformers_files(folder: str | Path, **options) -> None:
     """
     Write the sentence-transformers configuration into a saved model folder, weights untouched.

@@ -1,0 +1,135 @@
+"""`retromae finetune`: contrastive fine-tuning for retrieval on the sentence-transformers Trainer.
+
+As in the paper's fine-tuning: each query is pulled towards its positive passage and away from
+the other passages of the batch (in-batch negatives) and from its mined hard negatives, with
+MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larger than memory.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+from .pretrain import UsageError, check_output_dir, save_atomically
+from .sentence_transformer import load_sentence_transformer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `retromae finetune`."""
+    parser.add_argument("--model", required=True, help="RetroMAE / BERT folder or Hub id, or any SentenceTransformer.")
+    parser.add_argument(
+        "--train-data",
+        required=True,
+        help="Training examples: .jsonl with 'query', 'positive' and optionally 'negative' or 'negatives' (a list), "
+        "or .tsv with query<TAB>positive[<TAB>negative...].",
+    )
+    parser.add_argument("--output-dir", required=True, help="Where checkpoints and the final model (OUTPUT_DIR/model) go.")
+    parser.add_argument("--temperature", type=float, default=0.05, help="Softmax temperature of the contrastive loss. Default: 0.05.")
+    parser.add_argument("--cached", type=int, metavar="MINI_BATCH", help="Use the cached (GradCache) loss with this mini-batch size.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Queries per batch (each brings its positive and negatives). Default: 32.")
+    parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the data. Default: 1.")
+    parser.add_argument("--max-steps", type=int, default=-1, help="Optimiser steps; -1 trains for --epochs. Default: -1.")
+    parser.add_argument("--learning-rate", type=float, default=2e-5, help="Peak AdamW learning rate. Default: 2e-5.")
+    parser.add_argument("--warmup", type=float, default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
+    parser.add_argument("--seed", type=int, default=42, help="Seeds weights and data order. Default: 42.")
+    parser.add_argument("--bf16", action="store_true", help="Train in bfloat16 mixed precision.")
+    parser.add_argument("--logging-steps", type=int, default=10, help="Log the loss every N steps. Default: 10.")
+    parser.add_argument("--save-steps", type=int, default=500, help="Checkpoint every N steps. Default: 500.")
+    parser.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, help="Continue from the last checkpoint (or the one given).")
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="Allow an --output-dir that already holds a run.")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Fine-tune as `args` say; return the folder of the final model."""
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}.")
+    check_output_dir(args)
+    dataset = load_examples(args.train_data)
+    try:
+        model = load_sentence_transformer(args.model)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {args.model}: {error}") from None
+    scale = 1.0 / args.temperature
+    loss = (
+        CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.cached)
+        if args.cached
+        else MultipleNegativesRankingLoss(model, scale=scale)
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss)
+    trainer.train(resume_from_checkpoint=args.resume)
+    final = Path(args.output_dir) / "model"
+    save_atomically(final, lambda path: model.save(str(path)))
+    return final
+
+
+def training_arguments(args: argparse.Namespace) -> SentenceTransformerTrainingArguments:
+    return SentenceTransformerTrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup,
+        seed=args.seed,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        report_to=args.report_to,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        dataloader_pin_memory=torch.accelerator.is_available(),
+    )
+
+
+def load_examples(path: str | Path) -> datasets.Dataset:
+    """(anchor, positive, negative_1, ...) columns from a .jsonl or .tsv file; every row must have as many negatives."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--train-data {path} does not exist.")
+    rows = read_jsonl_examples(path) if path.suffix in (".jsonl", ".json") else read_tsv_examples(path)
+    if not rows:
+        raise UsageError(f"--train-data {path} holds no examples.")
+    counts = {len(row) for row in rows}
+    if len(counts) > 1:
+        raise UsageError(f"--train-data {path}: every example needs the same number of negatives, found {sorted(c - 2 for c in counts)}.")
+    names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, counts.pop() - 1)]
+    return datasets.Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(names)})
+
+
+def read_jsonl_examples(path: Path) -> list[list[str]]:
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
+            negatives = record.get("negatives", [record["negative"]] if "negative" in record else [])
+            row = [record.get("query"), record.get("positive"), *negatives]
+            if not all(isinstance(text, str) and text.strip() for text in row):
+                raise UsageError(f"{path}:{number} needs non-empty 'query' and 'positive' texts (and text negatives).")
+            rows.append(row)
+    return rows
+
+
+def read_tsv_examples(path: Path) -> list[list[str]]:
+    rows = []
+    with open(path, encoding="utf-8", newline="") as lines:
+        for number, row in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if not row:
+                continue
+            if len(row) < 2 or not all(text.strip() for text in row):
+                raise UsageError(f"{path}:{number} is not query<TAB>positive[<TAB>negative...].")
+            rows.append(row)
+    return rows

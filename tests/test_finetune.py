@@ -1,0 +1,89 @@
+"""`retromae finetune`: contrastive fine-tuning lowers the loss, saves a model both routes load, refuses bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel
+
+from retromae import RetroMAEForMaskedLM
+from retromae.cli import main
+from retromae.sentence_transformer import load_sentence_transformer
+
+
+PAIRS = [
+    ("what do cats do", "cats purr and sleep in the sun"),
+    ("what do dogs do", "dogs bark at strangers"),
+    ("where do rivers go", "rivers flow into the sea"),
+    ("what is the capital of france", "paris is the capital of france"),
+    ("how do plants grow", "plants grow with light and water"),
+    ("who wrote hamlet", "hamlet was written by shakespeare"),
+    ("what is ice", "ice is frozen water"),
+    ("why is the sky blue", "the sky looks blue because of scattering"),
+]
+
+
+@pytest.fixture
+def base_model(tmp_path, tiny_config, tokenizer):
+    folder = tmp_path / "base"
+    RetroMAEForMaskedLM(tiny_config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def contrastive_loss(model, temperature=0.05):
+    """In-batch-negatives cross entropy of all PAIRS at once (the quantity fine-tuning minimises)."""
+    queries = model.encode([q for q, _ in PAIRS], convert_to_tensor=True)
+    passages = model.encode([p for _, p in PAIRS], convert_to_tensor=True)
+    scores = F.normalize(queries, dim=-1) @ F.normalize(passages, dim=-1).T / temperature
+    return F.cross_entropy(scores, torch.arange(len(PAIRS))).item()
+
+
+def finetune_args(model, data, output_dir, *extra):
+    return ["finetune", "--model", str(model), "--train-data", str(data), "--output-dir", str(output_dir),
+            "--batch-size", "4", "--max-steps", "8", "--learning-rate", "1e-3", "--logging-steps", "4", *extra]
+
+
+def test_finetuning_lowers_the_loss_and_saves_a_model_both_routes_load(tmp_path, base_model, tokenizer):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
+    before = contrastive_loss(load_sentence_transformer(str(base_model)))
+    assert main(finetune_args(base_model, data, tmp_path / "run")) == 0
+    final = tmp_path / "run" / "model"
+    assert {"configuration_retromae.py", "modeling_retromae.py", "modules.json", "model.safetensors"} <= set(os.listdir(final))
+    tuned = SentenceTransformer(str(final), trust_remote_code=True)
+    assert contrastive_loss(tuned) < before
+    encoder = AutoModel.from_pretrained(final, trust_remote_code=True).eval()
+    inputs = tokenizer([PAIRS[0][0]], return_tensors="pt")
+    with torch.no_grad():
+        expected = encoder(**inputs).sentence_embedding
+    torch.testing.assert_close(tuned.encode([PAIRS[0][0]], convert_to_tensor=True), expected, atol=1e-5, rtol=0)
+
+
+def test_tsv_with_hard_negatives_and_the_cached_loss(tmp_path, base_model):
+    data = tmp_path / "triples.tsv"
+    data.write_text("".join(f"{q}\t{p}\t{PAIRS[(i + 1) % len(PAIRS)][1]}\n" for i, (q, p) in enumerate(PAIRS)))
+    assert main(finetune_args(base_model, data, tmp_path / "run", "--max-steps", "2", "--cached", "2")) == 0
+    assert (tmp_path / "run" / "model" / "modules.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        (None, [], "does not exist"),
+        ('{"query": "q", "positive": "p"}\n{"query": "q2"}\n', [], "pairs.jsonl:2 needs non-empty 'query' and 'positive'"),
+        ('{"query": "q", "positive": "p"}\n{"query": "q2", "positive": "p2", "negative": "n"}\n', [], "same number of negatives"),
+        ("not json\n", [], "pairs.jsonl:1 is not valid JSON"),
+        ('{"query": "q", "positive": "p"}\n', ["--temperature", "0"], "--temperature must be positive"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message(tmp_path, base_model, capsys, content, extra, message):
+    data = tmp_path / "pairs.jsonl"
+    if content is not None:
+        data.write_text(content)
+    assert main(finetune_args(base_model, data, tmp_path / "run", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
