@@ -9,6 +9,7 @@ import bz2
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,18 +60,23 @@ def load_corpus(path: str | os.PathLike, streaming: bool = False) -> datasets.Da
     return dataset
 
 
-def check_json_lines(file: str) -> None:
-    """Fail on the first line of `file` that is not a JSON object with a string `text` field."""
-    with open(file, encoding="utf-8") as lines:
+def json_lines(path: str | os.PathLike, error: type[Exception] = CorpusError) -> Iterator[tuple[int, object]]:
+    """(line number, record) for every non-blank line of a JSON-lines file; a bad line raises `error` naming it."""
+    with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{file}:{number} is not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CorpusError(f"{file}:{number} has no string 'text' field.")
+                yield number, json.loads(line)
+            except json.JSONDecodeError as decode_error:
+                raise error(f"{path}:{number} is not valid JSON ({decode_error.msg}).") from None
+
+
+def check_json_lines(file: str) -> None:
+    """Fail on the first line of `file` that is not a JSON object with a string `text` field."""
+    for number, record in json_lines(file):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CorpusError(f"{file}:{number} has no string 'text' field.")
 
 
 @dataclass

@@ -6,13 +6,13 @@ figures are those of sentence-transformers' `InformationRetrievalEvaluator`.
 """
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
+from .data import json_lines
 from .sentence_transformer import load_sentence_transformer
 
 
@@ -48,18 +48,11 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalTask:
 
 def read_jsonl(path: Path) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvaluationError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
-                raise EvaluationError(f"{path}:{number} needs an '_id' and a string 'text'.")
-            record["_id"] = str(record["_id"])
-            records.append(record)
+    for number, record in json_lines(path, EvaluationError):
+        if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
+            raise EvaluationError(f"{path}:{number} needs an '_id' and a string 'text'.")
+        record["_id"] = str(record["_id"])
+        records.append(record)
     return records
 
 

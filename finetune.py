@@ -7,7 +7,6 @@ MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larg
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import datasets
@@ -19,6 +18,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
+from .data import json_lines
 from .pretrain import UsageError, check_output_dir, save_atomically
 from .sentence_transformer import load_sentence_transformer
 
@@ -107,19 +107,13 @@ def load_examples(path: str | Path) -> datasets.Dataset:
 
 def read_jsonl_examples(path: Path) -> list[list[str]]:
     rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
-            negatives = record.get("negatives", [record["negative"]] if "negative" in record else [])
-            row = [record.get("query"), record.get("positive"), *negatives]
-            if not all(isinstance(text, str) and text.strip() for text in row):
-                raise UsageError(f"{path}:{number} needs non-empty 'query' and 'positive' texts (and text negatives).")
-            rows.append(row)
+    for number, record in json_lines(path, UsageError):
+        record = record if isinstance(record, dict) else {}
+        negatives = record.get("negatives", [record["negative"]] if "negative" in record else [])
+        row = [record.get("query"), record.get("positive"), *negatives]
+        if not all(isinstance(text, str) and text.strip() for text in row):
+            raise UsageError(f"{path}:{number} needs non-empty 'query' and 'positive' texts (and text negatives).")
+        rows.append(row)
     return rows
 
 
