@@ -19,7 +19,7 @@ from sentence_transformers.sentence_transformer.losses import (
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
 from .data import json_lines
-from .pretrain import UsageError, check_output_dir, save_atomically
+from .pretrain import AtomicCheckpoints, UsageError, check_output_dir, resume_checkpoint, save_atomically
 from .sentence_transformer import load_sentence_transformer
 
 
@@ -65,11 +65,15 @@ def run(args: argparse.Namespace) -> Path:
         if args.cached
         else MultipleNegativesRankingLoss(model, scale=scale)
     )
-    trainer = SentenceTransformerTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss)
-    trainer.train(resume_from_checkpoint=args.resume)
+    trainer = ContrastiveTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     final = Path(args.output_dir) / "model"
     save_atomically(final, lambda path: model.save(str(path)))
     return final
+
+
+class ContrastiveTrainer(AtomicCheckpoints, SentenceTransformerTrainer):
+    """`SentenceTransformerTrainer` with checkpoints written atomically."""
 
 
 def training_arguments(args: argparse.Namespace) -> SentenceTransformerTrainingArguments:

@@ -254,31 +254,11 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
     )
 
 
-class RetroMAETrainer(Trainer):
-    """`Trainer` that logs encoder and decoder losses and tokens/s, and writes checkpoints atomically."""
+class AtomicCheckpoints:
+    """Mixin for a transformers `Trainer` (or subclass): checkpoints are written atomically.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._since_log = torch.zeros(4)  # encoder loss sum, decoder loss sum, batches, tokens
-        self._last_log_time = time.perf_counter()
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        step = [outputs.encoder_loss.detach().float().cpu(), outputs.decoder_loss.detach().float().cpu(), 1.0]
-        self._since_log += torch.tensor([*step, inputs["encoder_attention_mask"].sum().item()])
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._since_log[2] > 0:
-            totals = self.accelerator.reduce(self._since_log.to(self.args.device), reduction="sum").cpu()
-            encoder, decoder, batches, tokens = totals.tolist()
-            now = time.perf_counter()
-            logs["encoder_loss"] = round(encoder / batches, 4)
-            logs["decoder_loss"] = round(decoder / batches, 4)
-            logs["tokens_per_second"] = round(tokens / (now - self._last_log_time), 1)
-            self._since_log.zero_()
-            self._last_log_time = now
-        super().log(logs, *args, **kwargs)
+    Used by both pre-training and fine-tuning, so no run ever leaves a half-written `checkpoint-N`.
+    """
 
     def _save_checkpoint(self, model, trial):
         """Write `checkpoint-N` under a staging folder, then rename it into place: never a half-written checkpoint."""
@@ -304,6 +284,33 @@ class RetroMAETrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+
+class RetroMAETrainer(AtomicCheckpoints, Trainer):
+    """`Trainer` that logs encoder and decoder losses and tokens/s, and writes checkpoints atomically."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._since_log = torch.zeros(4)  # encoder loss sum, decoder loss sum, batches, tokens
+        self._last_log_time = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        step = [outputs.encoder_loss.detach().float().cpu(), outputs.decoder_loss.detach().float().cpu(), 1.0]
+        self._since_log += torch.tensor([*step, inputs["encoder_attention_mask"].sum().item()])
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._since_log[2] > 0:
+            totals = self.accelerator.reduce(self._since_log.to(self.args.device), reduction="sum").cpu()
+            encoder, decoder, batches, tokens = totals.tolist()
+            now = time.perf_counter()
+            logs["encoder_loss"] = round(encoder / batches, 4)
+            logs["decoder_loss"] = round(decoder / batches, 4)
+            logs["tokens_per_second"] = round(tokens / (now - self._last_log_time), 1)
+            self._since_log.zero_()
+            self._last_log_time = now
+        super().log(logs, *args, **kwargs)
 
 
 class EpochCallback(TrainerCallback):

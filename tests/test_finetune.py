@@ -51,7 +51,9 @@ def test_finetuning_lowers_the_loss_and_saves_a_model_both_routes_load(tmp_path,
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
     before = contrastive_loss(load_sentence_transformer(str(base_model)))
-    assert main(finetune_args(base_model, data, tmp_path / "run")) == 0
+    assert main(finetune_args(base_model, data, tmp_path / "run", "--save-steps", "4")) == 0
+    assert {"checkpoint-4", "checkpoint-8", "model"} <= set(os.listdir(tmp_path / "run"))
+    assert ".staging" not in os.listdir(tmp_path / "run")
     final = tmp_path / "run" / "model"
     assert {"configuration_retromae.py", "modeling_retromae.py", "modules.json", "model.safetensors"} <= set(os.listdir(final))
     tuned = SentenceTransformer(str(final), trust_remote_code=True)
