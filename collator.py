@@ -33,6 +33,9 @@ class RetroMAECollator:
         max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
         seed: makes masking reproducible: each batch's masks are drawn from a generator seeded
             by (seed, epoch, the batch's token ids). `None` draws from torch's global generator.
+        enhanced_decoding: `False` builds the decoder inputs of the paper's ablation (see
+            `RetroMAEConfig.enhanced_decoding`): one copy masked at `decoder_mask_ratio` like the
+            encoder's, labels at its masked tokens, and a mask that hides only padding.
 
     An example is a string, a dict with a `text` string or `input_ids`, or a sequence of token
     ids; token ids get [CLS] and [SEP] added when they do not already start and end with them.
@@ -45,6 +48,7 @@ class RetroMAECollator:
         decoder_input_ids (batch, seq): the original ids;
         decoder_attention_mask (batch, seq, seq): True where query row i may attend to position j;
         decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding.
+    (Without enhanced decoding the decoder ids are masked and labelled like the encoder's.)
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class RetroMAECollator:
         decoder_mask_ratio: float = 0.50,
         max_length: int = 512,
         seed: int | None = None,
+        enhanced_decoding: bool = True,
     ):
         for name, ratio in (("encoder_mask_ratio", encoder_mask_ratio), ("decoder_mask_ratio", decoder_mask_ratio)):
             if not 0.0 < ratio < 1.0:
@@ -67,6 +72,7 @@ class RetroMAECollator:
         self.decoder_mask_ratio = decoder_mask_ratio
         self.max_length = max_length
         self.seed = seed
+        self.enhanced_decoding = enhanced_decoding
         self.epoch = 0
         self.vocab_size = len(tokenizer)
         self.is_special = self._vocabulary_flags(tokenizer.all_special_ids)
@@ -87,11 +93,21 @@ class RetroMAECollator:
         input_ids, attention_mask = self.pad(self.tokenize(examples))
         content = attention_mask & ~self.is_special[input_ids]  # (batch, seq) maskable tokens
         generator = self.generator_for(input_ids)
-        encoder_input_ids, encoder_labels = self.mask_for_encoder(input_ids, content, generator)
-        return {
+        encoder_input_ids, encoder_labels = self.mask_tokens(input_ids, content, self.encoder_mask_ratio, generator)
+        encoder = {
             "encoder_input_ids": encoder_input_ids,
             "encoder_attention_mask": attention_mask.long(),
             "encoder_labels": encoder_labels,
+        }
+        if not self.enhanced_decoding:
+            decoder_input_ids, decoder_labels = self.mask_tokens(input_ids, content, self.decoder_mask_ratio, generator)
+            seq_length = input_ids.shape[1]
+            return encoder | {
+                "decoder_input_ids": decoder_input_ids,
+                "decoder_attention_mask": attention_mask[:, None, :].expand(-1, seq_length, -1).contiguous(),
+                "decoder_labels": decoder_labels,
+            }
+        return encoder | {
             "decoder_input_ids": input_ids,
             "decoder_attention_mask": self.enhanced_decoding_mask(input_ids, content, attention_mask, generator),
             "decoder_labels": input_ids.masked_fill(~content, IGNORE_INDEX),
@@ -151,11 +167,11 @@ class RetroMAECollator:
             attention_mask[row, : len(ids)] = True
         return input_ids, attention_mask
 
-    def mask_for_encoder(
-        self, input_ids: torch.LongTensor, content: torch.BoolTensor, generator: torch.Generator | None
+    def mask_tokens(
+        self, input_ids: torch.LongTensor, content: torch.BoolTensor, ratio: float, generator: torch.Generator | None
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Whole-word masking at `encoder_mask_ratio`, chosen tokens 80% [MASK], 10% random, 10% kept."""
-        chosen = self.whole_word_mask(input_ids, content, self.encoder_mask_ratio, 1, generator)[:, 0]
+        """Whole-word masking at `ratio`, chosen tokens 80% [MASK], 10% random, 10% kept; and the labels."""
+        chosen = self.whole_word_mask(input_ids, content, ratio, 1, generator)[:, 0]
         labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
         draw = torch.rand(input_ids.shape, generator=generator)
         random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)

@@ -34,6 +34,11 @@ class RetroMAEConfig(BertConfig):
         num_decoder_layers (`int`, *optional*, defaults to 1):
             Transformer layers in the decoder. The paper uses one: a weak decoder forces the
             sentence embedding to carry the information.
+        enhanced_decoding (`bool`, *optional*, defaults to `True`):
+            Decode with two streams and the position-specific attention mask (paper §3.3). `False`
+            is the paper's ablation: the decoder reads its aggressively masked copy of the input,
+            [CLS] replaced by the sentence embedding, with ordinary self-attention, and predicts
+            the masked tokens only. The collator must be built with the same setting.
         auto_map (`dict`, *optional*):
             Maps the Auto classes to this remote code; filled in so that `AutoConfig`,
             `AutoModel`, `AutoModelForMaskedLM` and `AutoModelForPreTraining` all resolve from a
@@ -53,6 +58,7 @@ class RetroMAEConfig(BertConfig):
     encoder_mask_ratio: float = 0.30
     decoder_mask_ratio: float = 0.50
     num_decoder_layers: int = 1
+    enhanced_decoding: bool = True
 
     def __post_init__(self, **kwargs):
         if getattr(self, "auto_map", None) is None:

@@ -240,15 +240,20 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         Compute the RetroMAE loss for one batch.
 
         `decoder_attention_mask` is the (batch, seq, seq) enhanced-decoding mask, True where a
-        query row may attend. With `return_logits=True` the MLM scores over the whole sequence
+        query row may attend. Without enhanced decoding (`config.enhanced_decoding=False`, the
+        paper's ablation) the collator's decoder inputs are a masked copy and the mask only hides
+        padding. With `return_logits=True` the MLM scores over the whole sequence
         are returned as well; the losses are the same either way.
         """
         encoder_output = self.bert(encoder_input_ids, attention_mask=encoder_attention_mask)
         sentence_embedding = encoder_output.sentence_embedding  # (batch, hidden)
         encoder_loss = self.masked_lm_loss(encoder_output.last_hidden_state, encoder_labels)
 
-        query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
         content_stream = self.content_stream(sentence_embedding, decoder_input_ids)
+        if self.config.enhanced_decoding:
+            query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
+        else:
+            query_stream = content_stream  # the ablation: self-attention over the masked copy
         decoded = self.decoder(query_stream, content_stream, self.attention_bias(decoder_attention_mask))
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
 

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--encoder-mask-ratio", type=float, default=0.30, help="Encoder masking ratio (paper: 0.15-0.30). Default: 0.30.")
     method.add_argument("--decoder-mask-ratio", type=float, default=0.50, help="Decoder masking ratio (paper: 0.50-0.70). Default: 0.50.")
     method.add_argument(
+        "--no-enhanced-decoding",
+        dest="enhanced_decoding",
+        action="store_false",
+        help="The paper's ablation: the decoder reads a masked copy with ordinary self-attention. Default: enhanced decoding.",
+    )
+    method.add_argument(
         "--max-length",
         type=int,
         help=f"Tokens per passage, [CLS]/[SEP] included. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
@@ -118,7 +124,12 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     if args.streaming:
         dataset = dataset.shuffle(seed=args.seed, buffer_size=10_000)
     collator = RetroMAECollator(
-        tokenizer, args.encoder_mask_ratio, args.decoder_mask_ratio, max_length=args.max_length, seed=args.seed
+        tokenizer,
+        args.encoder_mask_ratio,
+        args.decoder_mask_ratio,
+        max_length=args.max_length,
+        seed=args.seed,
+        enhanced_decoding=args.enhanced_decoding,
     )
     trainer = RetroMAETrainer(
         model=model,
@@ -207,7 +218,11 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
 
 def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:
     """The model to pre-train (from --model, or fresh from --config) and its tokenizer."""
-    ratios = dict(encoder_mask_ratio=args.encoder_mask_ratio, decoder_mask_ratio=args.decoder_mask_ratio)
+    ratios = dict(
+        encoder_mask_ratio=args.encoder_mask_ratio,
+        decoder_mask_ratio=args.decoder_mask_ratio,
+        enhanced_decoding=args.enhanced_decoding,
+    )
     if args.config:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
         torch.manual_seed(args.seed)

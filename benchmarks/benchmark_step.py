@@ -5,12 +5,17 @@ Variants, with the same weights and the same batch:
   reference  the spec in its most direct form: eager attention, vocabulary logits at every position
   mlm        BertForMaskedLM on the same encoder with encoder masking only (RetroMAE's floor)
   gemm       square matrix multiplies of the same FLOPs as `ours` (the machine's ceiling)
+  compiled   `ours` under torch.compile (with --compile)
 plus collator throughput (ours vs a per-row Python reference, as in the authors' code) and
 embedding throughput (RetroMAEModel vs BertModel). Before anything is timed, the losses of
-`ours` and `reference` must agree to 1e-4.
+`ours` and `reference` must agree to 1e-4 (in float32, whatever --dtype times).
+
+Memory: the bytes each step keeps for its backward pass (activations, any device), and on a
+GPU the peak allocated memory of one step.
 
     python benchmarks/benchmark_step.py                 # small config, a few minutes on 2 cores
     python benchmarks/benchmark_step.py --size base     # BERT-base (12 x 768)
+    python benchmarks/benchmark_step.py --size base --device cuda --dtype bfloat16 --compile
     python benchmarks/benchmark_step.py --smoke         # tiny config, a few steps (CI)
 """
 
@@ -28,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining, RetroMAEModel
-from retromae.pretrain import demo_model_path
 
 
 SIZES = {
@@ -94,27 +98,31 @@ def reference_decoder_mask(collator: RetroMAECollator, ids: list[int], generator
     return 1 - torch.tensor(rows)
 
 
-def median_seconds(step, repeats: int, warmup: int) -> float:
+def median_seconds(step, repeats: int, warmup: int, synchronize=lambda: None) -> float:
     for _ in range(warmup):
         step()
+    synchronize()
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
+        synchronize()
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
 
 
-def interleaved_medians(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
+def interleaved_medians(steps: dict, repeats: int, warmup: int, synchronize=lambda: None) -> dict[str, float]:
     """Median seconds of each step, timed round-robin so that drift on a shared machine hits all alike."""
     for _ in range(warmup):
         for step in steps.values():
             step()
+    synchronize()
     timings = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
+            synchronize()
             timings[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in timings.items()}
 
@@ -134,29 +142,65 @@ def count_flops(compute_loss) -> int:
     return counter.get_total_flops()
 
 
-def gemm_seconds(flops: int, repeats: int) -> tuple[float, float]:
-    """Seconds for `flops` of square float32 matrix multiplies, and the FLOP/s achieved."""
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def saved_for_backward_mib(compute_loss) -> float:
+    """MiB of tensors the forward pass keeps for backward (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = compute_loss()
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def peak_step_mib(step, device: torch.device) -> float | None:
+    """Peak GPU memory allocated during one training step (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def gemm_seconds(flops: int, repeats: int, device: torch.device, dtype: torch.dtype, synchronize) -> tuple[float, float]:
+    """Seconds for `flops` of square matrix multiplies in `dtype`, and the FLOP/s achieved."""
+    n = 1024 if device.type == "cpu" else 4096
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     per_matmul = 2 * n**3
     count = max(1, round(flops / per_matmul))
-    seconds = median_seconds(lambda: [a @ b for _ in range(count)], repeats, warmup=1)
+    seconds = median_seconds(lambda: [a @ b for _ in range(count)], repeats, 1, synchronize)
     return seconds, count * per_matmul / seconds
 
 
+def bert_config(config: RetroMAEConfig) -> BertConfig:
+    return BertConfig(**{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()})
+
+
 def benchmark_length(args, tokenizer, seq_length: int) -> dict:
+    device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
+
     torch.manual_seed(0)
     config = RetroMAEConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, seq_length), **SIZES[args.size])
     # `_from_config` sets the attention implementation on the config it is given: one copy each.
-    ours = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa")
-    reference = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="eager")
+    ours = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device)
+    reference = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="eager").to(device)
     reference.load_state_dict(ours.state_dict())
-    mlm = BertForMaskedLM(BertConfig(**{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()}))
+    mlm = BertForMaskedLM(bert_config(config)).to(device)
     mlm.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("decoder.")})
 
     collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
     ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
-    batch = collator(ids)
+    batch = {name: tensor.to(device) for name, tensor in collator(ids).items()}
 
     with torch.no_grad():
         ours.eval(), reference.eval()
@@ -165,21 +209,34 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         raise AssertionError(f"L={seq_length}: ours {ours_loss:.6f} != reference {reference_value:.6f}")
     ours.train(), reference.train(), mlm.train()
 
-    def mlm_loss():
+    def timed(forward):
+        def compute_loss():
+            with autocast():
+                return forward()
+
+        return compute_loss
+
+    def mlm_forward():
         return mlm(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
 
     variants = {
-        "ours": (ours, lambda: ours(**batch).loss),
-        "reference": (reference, lambda: reference_loss(reference, batch)),
-        "mlm": (mlm, mlm_loss),
+        "ours": (ours, timed(lambda: ours(**batch).loss)),
+        "reference": (reference, timed(lambda: reference_loss(reference, batch))),
+        "mlm": (mlm, timed(mlm_forward)),
     }
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        compiled_forward = torch.compile(compiled)
+        variants["compiled"] = (compiled, timed(lambda: compiled_forward(**batch).loss))
     steps = {
         name: training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss)
         for name, (model, loss) in variants.items()
     }
-    seconds = interleaved_medians(steps, args.repeats, args.warmup)
+    seconds = interleaved_medians(steps, args.repeats, args.warmup, synchronize)
+    saved_mib = {name: saved_for_backward_mib(loss) for name, (_, loss) in variants.items()}
+    peak_mib = {name: peak_step_mib(step, device) for name, step in steps.items()}
     flops = count_flops(variants["ours"][1])
-    gemm_time, gemm_flops_per_second = gemm_seconds(flops, args.repeats)
+    gemm_time, gemm_flops_per_second = gemm_seconds(flops, args.repeats, device, autocast_dtype, synchronize)
 
     reference_random = random.Random(0)
     collator_seconds = median_seconds(lambda: collator(ids), args.repeats, 1)
@@ -189,14 +246,14 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         0,
     )
 
-    encoder = RetroMAEModel(copy.deepcopy(config)).eval()
+    encoder = RetroMAEModel(copy.deepcopy(config)).to(device).eval()
     encoder.load_state_dict(ours.bert.state_dict())
-    bert = BertModel(BertConfig(**{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()}), add_pooling_layer=False).eval()
+    bert = BertModel(bert_config(config), add_pooling_layer=False).to(device).eval()
     bert.load_state_dict(ours.bert.state_dict())
     inputs = dict(input_ids=batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         embed_seconds = interleaved_medians(
-            {"retromae": lambda: encoder(**inputs), "bert": lambda: bert(**inputs)}, args.repeats, args.warmup
+            {"retromae": lambda: encoder(**inputs), "bert": lambda: bert(**inputs)}, args.repeats, args.warmup, synchronize
         )
 
     return {
@@ -207,16 +264,40 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         "step_seconds": seconds,
         "ours_over_reference": seconds["ours"] / seconds["reference"],
         "ours_over_mlm": seconds["ours"] / seconds["mlm"],
+        "compiled_over_mlm": seconds["compiled"] / seconds["mlm"] if args.compile else None,
         "step_flops": flops,
         "achieved_over_gemm_flops": (flops / seconds["ours"]) / gemm_flops_per_second,
         "gemm_seconds_same_flops": gemm_time,
+        "gemm_flops_per_second": gemm_flops_per_second,
         "collator_examples_per_second": args.batch_size / collator_seconds,
         "reference_collator_examples_per_second": args.batch_size / reference_collator_seconds,
         "collator_speedup": reference_collator_seconds / collator_seconds,
         "embedding_sentences_per_second": {name: args.batch_size / s for name, s in embed_seconds.items()},
         "retromae_over_bert_embedding_throughput": embed_seconds["bert"] / embed_seconds["retromae"],
-        "peak_memory": "not measured on CPU",
+        "saved_for_backward_mib": saved_mib,
+        "peak_step_mib": peak_mib,
     }
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_table(report: dict) -> None:
+    print(f"size {report['size']}, batch {report['batch_size']}, {report['dtype']}, {report['machine']}")
+    print("L     ours s  ref s   mlm s   ours/ref ours/mlm comp/mlm FLOP/GEMM collator x  embed  saved MiB ours/mlm")
+    for r in report["results"]:
+        s, saved = r["step_seconds"], r["saved_for_backward_mib"]
+        compiled = f"{r['compiled_over_mlm']:.2f}" if r["compiled_over_mlm"] is not None else "-"
+        print(
+            f"{r['seq_length']:<5} {s['ours']:<7.3f} {s['reference']:<7.3f} {s['mlm']:<7.3f} {r['ours_over_reference']:<8.2f} "
+            f"{r['ours_over_mlm']:<8.2f} {compiled:<8} {r['achieved_over_gemm_flops']:<9.2f} {r['collator_speedup']:<11.1f} "
+            f"{r['retromae_over_bert_embedding_throughput']:<6.3f} {saved['ours']:.0f}/{saved['mlm']:.0f}"
+        )
+        if r["peak_step_mib"]["ours"] is not None:
+            print("      peak MiB " + ", ".join(f"{name} {mib:.0f}" for name, mib in r["peak_step_mib"].items()))
 
 
 def main() -> None:
@@ -226,27 +307,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step. Default: 8.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per variant (the median is reported). Default: 5.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first. Default: 2.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where to run. Default: cuda when there is one, else cpu.")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="Autocast dtype of the timed steps (weights stay float32). Default: float32."
+    )
+    parser.add_argument("--compile", action="store_true", help="Also time `ours` under torch.compile (compilation happens in the warm-up).")
+    parser.add_argument("--tokenizer", help="Tokenizer folder (bert-base-uncased vocabulary). Default: the demo model's, from retromae[demo].")
     parser.add_argument("--smoke", action="store_true", help="Tiny config, short sequences, one timed step: checks the pipeline (CI).")
     parser.add_argument("--output", default="benchmark_step.json", help="Where the JSON goes. Default: benchmark_step.json.")
     args = parser.parse_args()
     if args.smoke:
         args.size, args.seq_lengths, args.batch_size, args.repeats, args.warmup = "smoke", [32], 2, 1, 0
+    if args.tokenizer is None:
+        from retromae.pretrain import demo_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+        args.tokenizer = demo_model_path()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     results = [benchmark_length(args, tokenizer, length) for length in args.seq_lengths]
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    report = {
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "machine": machine_description(torch.device(args.device)),
+        "results": results,
+    }
     with open(args.output, "w") as file:
-        json.dump({"size": args.size, "machine": machine, "results": results}, file, indent=2)
-
-    print(f"size {args.size}, batch {args.batch_size}, {machine}")
-    print("L     ours s  ref s   mlm s   ours/ref ours/mlm FLOP/GEMM collator x  embed ratio")
-    for r in results:
-        s = r["step_seconds"]
-        print(
-            f"{r['seq_length']:<5} {s['ours']:<7.3f} {s['reference']:<7.3f} {s['mlm']:<7.3f} {r['ours_over_reference']:<8.2f} "
-            f"{r['ours_over_mlm']:<8.2f} {r['achieved_over_gemm_flops']:<9.2f} {r['collator_speedup']:<11.1f} "
-            f"{r['retromae_over_bert_embedding_throughput']:.3f}"
-        )
+        json.dump(report, file, indent=2)
+    print_table(report)
     print(f"losses agree (ours vs reference, 1e-4); figures in {args.output}")
 
 

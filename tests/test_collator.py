@@ -252,3 +252,26 @@ def test_bad_examples_raise_an_error_naming_the_example(collator, examples, erro
 def test_ratios_outside_zero_one_are_refused(tokenizer, name, ratio):
     with pytest.raises(ValueError, match=f"{name} must lie strictly between 0 and 1, got {ratio}"):
         RetroMAECollator(tokenizer, **{name: ratio})
+
+
+def test_without_enhanced_decoding_the_decoder_reads_a_masked_copy(tokenizer):
+    """The paper's ablation: same encoder side; the decoder copy masked at its ratio, labelled there, padding-only mask."""
+    enhanced = RetroMAECollator(tokenizer, max_length=64, seed=0)
+    ablation = RetroMAECollator(tokenizer, max_length=64, seed=0, decoder_mask_ratio=0.5, enhanced_decoding=False)
+    masked = content = 0
+    for epoch in range(25):
+        enhanced.set_epoch(epoch), ablation.set_epoch(epoch)
+        reference, batch = enhanced(TEXTS * 4), ablation(TEXTS * 4)
+        for name in ("encoder_input_ids", "encoder_attention_mask", "encoder_labels"):
+            assert torch.equal(batch[name], reference[name])
+        original = reference["decoder_input_ids"]
+        chosen = batch["decoder_labels"] != -100
+        assert torch.equal(batch["decoder_labels"][chosen], original[chosen])
+        assert torch.equal(batch["decoder_input_ids"][~chosen], original[~chosen])
+        assert (batch["decoder_input_ids"][chosen] == tokenizer.mask_token_id).float().mean() > 0.6
+        real = batch["encoder_attention_mask"].bool()
+        assert torch.equal(batch["decoder_attention_mask"], real[:, None, :].expand_as(batch["decoder_attention_mask"]))
+        special, _ = special_positions(tokenizer, reference)
+        masked += chosen.sum().item()
+        content += (real & ~special).sum().item()
+    assert masked / content == pytest.approx(0.50, abs=0.04)

@@ -41,7 +41,8 @@ def reference_losses(model, batch):
     token_type = embeddings.token_type_embeddings.weight[0]
     h2 = layer_norm(embeddings.word_embeddings.weight[ids] + positions + token_type, embeddings.LayerNorm)
     h2 = torch.cat([h_x[:, None], h2[:, 1:]], dim=1)  # content stream
-    h1 = h_x[:, None] + positions  # query stream
+    # the query stream; without enhanced decoding the decoder attends over its own (masked) input
+    h1 = h_x[:, None] + positions if model.config.enhanced_decoding else h2
 
     layer = model.decoder.layers[0]
     attention = layer.attention.self
@@ -70,6 +71,18 @@ def test_losses_match_a_hand_computed_reference(tiny_config, batch, attn_impleme
     assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
     assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
     assert output.loss.item() == pytest.approx((encoder_loss + decoder_loss).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_ablation_without_enhanced_decoding_matches_the_reference(tokenizer, tiny_config, attn_implementation):
+    tiny_config.enhanced_decoding = False
+    batch = RetroMAECollator(tokenizer, max_length=64, seed=0, enhanced_decoding=False)(TEXTS)
+    model = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():
+        output = model(**batch)
+        encoder_loss, decoder_loss = reference_losses(model, batch)
+    assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
+    assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
 
 
 def test_untrained_losses_are_near_log_vocabulary(tiny_config, batch):
