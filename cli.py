@@ -8,9 +8,11 @@ from pathlib import Path
 from . import finetune, pretrain
 from .data import CorpusError
 from .evaluate import EvaluationError, evaluate, load_beir, load_model
+from .hub import CardError, ReleaseError, convert, export_bert, release
+from .hub.card import TEMPLATE
 
 
-USER_ERRORS = (pretrain.UsageError, CorpusError, EvaluationError)
+USER_ERRORS = (pretrain.UsageError, CorpusError, EvaluationError, ReleaseError, CardError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=32, help="Texts per encoding batch.")
     evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON.")
     evaluation.set_defaults(handler=run_evaluate)
+
+    releasing = commands.add_parser(
+        "release",
+        help="publish a trained model as a complete Hub repository (one commit)",
+        description="Assemble a Hub repository from a RetroMAE model folder (weights, config with auto_map, both code "
+        "files, tokenizer, sentence-transformers files and a model card with the run's settings and any evaluation), "
+        "load it back with AutoModel and SentenceTransformer and compare it with the source, then upload it in one "
+        "commit and print the commit URL. Needs a token (`hf auth login` or HF_TOKEN) unless --dry-run is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    releasing.add_argument("model_dir", metavar="MODEL_DIR", help="The model folder (e.g. OUTPUT_DIR/model of a pretrain or finetune run).")
+    releasing.add_argument("--repo-id", required=True, help="Hub repository, 'org/name'; created when it does not exist.")
+    releasing.add_argument("--private", action="store_true", help="Create the repository private.")
+    releasing.add_argument("--dry-run", metavar="DIR", help="Write and check the repository in DIR; upload nothing.")
+    releasing.add_argument(
+        "--evaluation", action="append", default=[], metavar="JSON", help="A `retromae evaluate` report for the card (repeatable)."
+    )
+    releasing.add_argument("--license", default="apache-2.0", help="License id for the card's metadata.")
+    releasing.add_argument("--language", default="en", help="Language code for the card's metadata.")
+    releasing.add_argument("--card-template", default=str(TEMPLATE), help="Jinja template of the model card.")
+    releasing.add_argument("--commit-message", help="Commit message. Default: 'Release REPO_ID (retromae)'.")
+    releasing.set_defaults(handler=run_release)
+
+    converting = commands.add_parser(
+        "convert",
+        help="turn a BERT / authors' RetroMAE checkpoint into a release folder, or back (--to-bert)",
+        description="Convert a BertForMaskedLM or BertModel checkpoint (a folder or Hub id, such as the authors' "
+        "Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or Shitao/RetroMAE_BEIR) into a RetroMAE folder that `retromae "
+        "release` publishes: same weights, RetroMAE config and code, sentence-transformers files. With --to-bert, "
+        "write a RetroMAE model as a plain BertForMaskedLM folder instead. Either way the encoder's outputs are checked "
+        "to be identical.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    converting.add_argument("source", metavar="SRC", help="Checkpoint folder or Hub id.")
+    converting.add_argument("destination", metavar="DST", help="Folder to write (replaced atomically).")
+    converting.add_argument("--to-bert", action="store_true", help="Export a RetroMAE model as plain BERT.")
+    converting.set_defaults(handler=run_convert)
     return parser
+
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
@@ -77,6 +117,48 @@ def run_evaluate(args: argparse.Namespace) -> None:
     report = {"model": args.model, "data": args.data, "split": args.split, "queries": len(task.queries), "documents": len(task.corpus), **figures}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
+
+def run_release(args: argparse.Namespace) -> None:
+    evaluations = [read_report(path) for path in args.evaluation]
+    result = release(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        dry_run=args.dry_run,
+        evaluations=evaluations,
+        license=args.license,
+        language=args.language,
+        template=args.card_template,
+        commit_message=args.commit_message,
+    )
+    if args.dry_run:
+        print(f"Repository assembled and checked in {result} (nothing uploaded):")
+        for path in sorted(Path(result).rglob("*")):
+            if path.is_file():
+                print(f"  {path.relative_to(result)}  {path.stat().st_size:,} bytes")
+    else:
+        print(f"Released {args.repo_id}: {result}")
+
+
+def read_report(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReleaseError(f"--evaluation {path}: not a readable JSON report ({error}).") from None
+    if not isinstance(report, dict) or not {"data", "ndcg@10", "mrr@10", "recall@100"} <= set(report):
+        raise ReleaseError(f"--evaluation {path}: not a `retromae evaluate` report (needs data, ndcg@10, mrr@10, recall@100).")
+    return report
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    if args.to_bert:
+        export_bert(args.source, args.destination)
+        print(f"Plain BERT written to {args.destination}: loads with BertModel / BertForMaskedLM, no remote code.")
+        return
+    if not convert(args.source, args.destination):
+        print(f"Note: {args.source} has no MLM head; the encoder is converted as is and the head is freshly initialised.")
+    print(f"RetroMAE folder written to {args.destination}; publish it with: retromae release {args.destination} --repo-id ORG/NAME")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 """
 
 import argparse
+import json
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +40,10 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 
 RELEASE_FOLDER = "model"
 STAGING_FOLDER = ".staging"
+PRETRAINING_FILE = "retromae_pretraining.json"
+DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
+DEMO_DATASET = "wikimedia/wikipedia"
 
 
 class UsageError(ValueError):
@@ -140,10 +146,12 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossLineProgressCallback)
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     release = Path(args.output_dir) / RELEASE_FOLDER
     if trainer.is_world_process_zero():
-        release_encoder(trainer.model, tokenizer, release)
+        summary = run_summary(args, trainer, dataset, time.perf_counter() - started)
+        release_encoder(trainer.model, tokenizer, release, summary)
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
 
@@ -351,7 +359,47 @@ class LossLineProgressCallback(ProgressCallback):
         )
 
 
-def release_encoder(model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def run_summary(args: argparse.Namespace, trainer: Trainer, dataset, seconds: float) -> dict:
+    """What the model card reports of this run: data, RetroMAE settings, steps, hardware, time, final losses."""
+    demo_model = args.model is not None and args.model == demo_model_path_or_none()
+    losses = [entry for entry in trainer.state.log_history if "encoder_loss" in entry]
+    return {
+        "base_model": DEMO_BASE_MODEL if demo_model else args.model or f"fresh {args.config} BERT",
+        "corpus": args.train_data or DEMO_CORPUS,
+        "datasets": [] if args.train_data else [DEMO_DATASET],
+        "passages": None if args.streaming else len(dataset),
+        "encoder_mask_ratio": args.encoder_mask_ratio,
+        "decoder_mask_ratio": args.decoder_mask_ratio,
+        "enhanced_decoding": args.enhanced_decoding,
+        "max_length": args.max_length,
+        "steps": trainer.state.global_step,
+        "batch_size": args.batch_size,
+        "processes": trainer.args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "hardware": hardware(trainer.args.device),
+        "train_seconds": round(seconds, 1),
+        "final_loss": f"{losses[-1]['encoder_loss']:.4f} + {losses[-1]['decoder_loss']:.4f}" if losses else None,
+    }
+
+
+def demo_model_path_or_none() -> str | None:
+    try:
+        return demo_model_path()
+    except UsageError:
+        return None
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def release_encoder(
+    model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path, summary: dict | None = None
+) -> None:
     """
     Save the encoder and its MLM head, without the decoder, as a Hub-ready folder.
 
@@ -367,6 +415,8 @@ def release_encoder(model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenize
         encoder.save_pretrained(path)
         tokenizer.save_pretrained(path)
         add_sentence_transformers_files(path, max_seq_length=min(model.config.max_position_embeddings, 512))
+        if summary is not None:
+            (path / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
     save_atomically(folder, write)
 

@@ -1,0 +1,162 @@
+"""The model card of a RetroMAE release: Hub metadata, usage, the run's settings, evaluation, citation.
+
+Rendered from `model_card_template.md` with huggingface_hub's `ModelCard.from_template`, so the
+YAML header is `ModelCardData`'s own, and checked by parsing it back before anything is uploaded.
+"""
+
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from ..pretrain import PRETRAINING_FILE
+
+
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
+TAGS = ["retromae", "sentence-transformers", "feature-extraction"]
+PIPELINE_TAG = "sentence-similarity"
+METRIC_NAMES = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "Recall@100"}
+CITATION = """@inproceedings{xiao2022retromae,
+  title     = {RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder},
+  author    = {Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao},
+  booktitle = {Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing},
+  pages     = {538--548},
+  year      = {2022},
+  url       = {https://arxiv.org/abs/2205.12035}
+}"""
+PRETRAINING_ROWS = {
+    "base_model": "initial weights",
+    "corpus": "corpus",
+    "passages": "passages",
+    "encoder_mask_ratio": "encoder mask ratio",
+    "decoder_mask_ratio": "decoder mask ratio",
+    "enhanced_decoding": "enhanced decoding",
+    "max_length": "max length (tokens)",
+    "steps": "optimiser steps",
+    "batch_size": "batch size per process",
+    "processes": "processes",
+    "gradient_accumulation_steps": "gradient accumulation",
+    "learning_rate": "peak learning rate",
+    "seed": "seed",
+    "hardware": "hardware",
+    "train_seconds": "training time (s)",
+    "final_loss": "final loss (encoder + decoder)",
+    "converted_from": "converted from",
+}
+
+
+class CardError(ValueError):
+    """A model card that cannot be rendered or does not validate; the message says what is wrong."""
+
+
+def model_card(
+    repo_id: str,
+    pretraining: dict | None = None,
+    evaluations: list[dict] = (),
+    license: str = "apache-2.0",
+    language: str = "en",
+    template: str | Path = TEMPLATE,
+) -> ModelCard:
+    """The card of `repo_id`, from the run's settings (`retromae_pretraining.json`) and `retromae evaluate` reports."""
+    pretraining = pretraining or {}
+    base_model = hub_id(pretraining.get("base_model") or pretraining.get("converted_from"))
+    data = ModelCardData(
+        license=license,
+        language=language,
+        library_name="sentence-transformers",
+        pipeline_tag=PIPELINE_TAG,
+        tags=TAGS,
+        base_model=base_model,
+        datasets=pretraining.get("datasets") or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(evaluations) or None,
+    )
+    fields = {
+        "repo_id": repo_id,
+        "model_name": repo_id.split("/")[-1],
+        "base_model_sentence": f"It starts from [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
+        "pretraining_table": pretraining_table(pretraining),
+        "evaluation_table": evaluation_table(evaluations),
+        "citation": CITATION,
+    }
+    check_template_fields(Path(template), fields)
+    card = ModelCard.from_template(data, template_path=str(template), **fields)
+    check_card(str(card))
+    return card
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id (`org/name`, not a local path), else None."""
+    if not name or Path(name).exists() or name.count("/") != 1 or name.startswith((".", "/")):
+        return None
+    return name
+
+
+def eval_results(evaluations: list[dict]) -> list[EvalResult]:
+    results = []
+    for report in evaluations:
+        dataset = Path(report["data"]).name or report["data"]
+        for metric, label in METRIC_NAMES.items():
+            results.append(
+                EvalResult(
+                    task_type="retrieval",
+                    task_name="Retrieval",
+                    dataset_type=dataset,
+                    dataset_name=dataset,
+                    dataset_split=report.get("split", "test"),
+                    metric_type=metric.replace("@", "_at_"),
+                    metric_name=label,
+                    metric_value=round(float(report[metric]), 4),
+                )
+            )
+    return results
+
+
+def pretraining_table(pretraining: dict) -> str:
+    if not pretraining:
+        return "Not recorded: the release folder has no `retromae_pretraining.json`."
+    rows = [(label, pretraining[key]) for key, label in PRETRAINING_ROWS.items() if pretraining.get(key) is not None]
+    return "\n".join(["| setting | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in rows)])
+
+
+def evaluation_table(evaluations: list[dict]) -> str:
+    if not evaluations:
+        return "No evaluation was given with this release (`retromae evaluate` writes one)."
+    header = ["| data | split | queries | documents | " + " | ".join(METRIC_NAMES.values()) + " |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| {Path(r['data']).name} | {r.get('split', 'test')} | {r.get('queries', '')} | {r.get('documents', '')} | "
+        + " | ".join(f"{float(r[m]):.4f}" for m in METRIC_NAMES)
+        + " |"
+        for r in evaluations
+    ]
+    note = "\n\nThe [CLS] embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+    return "\n".join(header + rows) + note
+
+
+def check_template_fields(template: Path, fields: dict) -> None:
+    """Refuse a template that uses a field the release does not fill (Jinja would render it empty)."""
+    if not template.is_file():
+        raise CardError(f"Card template {template} does not exist.")
+    used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template.read_text()))
+    missing = sorted(used - set(fields) - {"card_data"})
+    if missing:
+        raise CardError(
+            f"Card template {template} uses {', '.join(missing)}, which a release does not provide "
+            f"(available: card_data, {', '.join(sorted(fields))})."
+        )
+
+
+def check_card(content: str) -> None:
+    """Parse the card back as the Hub does: YAML header, required metadata, model-index."""
+    try:
+        card = ModelCard(content, ignore_metadata_errors=False)
+    except ValueError as error:
+        raise CardError(f"The model card's metadata does not parse: {error}") from None
+    metadata = card.data.to_dict()
+    for key in ("license", "language", "library_name", "pipeline_tag", "tags"):
+        if not metadata.get(key):
+            raise CardError(f"The model card's metadata has no {key}.")
+    if metadata.get("model-index"):
+        model_index_to_eval_results(metadata["model-index"])
