@@ -62,8 +62,11 @@ def reference_losses(model, batch):
     return encoder_loss, decoder_loss
 
 
+@pytest.mark.parametrize("enhanced_decoding", [True, False], ids=["enhanced-decoding", "ablation"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_losses_match_a_hand_computed_reference(tiny_config, batch, attn_implementation):
+def test_losses_match_a_hand_computed_reference(tokenizer, tiny_config, attn_implementation, enhanced_decoding):
+    tiny_config.enhanced_decoding = enhanced_decoding
+    batch = RetroMAECollator(tokenizer, max_length=64, seed=0, enhanced_decoding=enhanced_decoding)(TEXTS)
     model = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation=attn_implementation).eval()
     with torch.no_grad():
         output = model(**batch)
@@ -71,18 +74,6 @@ def test_losses_match_a_hand_computed_reference(tiny_config, batch, attn_impleme
     assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
     assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
     assert output.loss.item() == pytest.approx((encoder_loss + decoder_loss).item(), abs=1e-5)
-
-
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_ablation_without_enhanced_decoding_matches_the_reference(tokenizer, tiny_config, attn_implementation):
-    tiny_config.enhanced_decoding = False
-    batch = RetroMAECollator(tokenizer, max_length=64, seed=0, enhanced_decoding=False)(TEXTS)
-    model = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation=attn_implementation).eval()
-    with torch.no_grad():
-        output = model(**batch)
-        encoder_loss, decoder_loss = reference_losses(model, batch)
-    assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
-    assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
 
 
 def test_untrained_losses_are_near_log_vocabulary(tiny_config, batch):

@@ -64,6 +64,15 @@ def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, to
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "encoder_loss" in entry]
     assert logged and all({"decoder_loss", "tokens_per_second"} <= set(entry) for entry in logged)
+    summary = json.loads((release / "retromae_pretraining.json").read_text())
+    assert summary["steps"] == 4 and summary["encoder_mask_ratio"] == 0.30 and summary["enhanced_decoding"] is True
+    assert summary["corpus"] == str(corpus) and summary["passages"] == len(CORPUS) and summary["processes"] == 1
+
+
+def test_no_enhanced_decoding_builds_the_ablation(tmp_path):
+    args = build_parser().parse_args(["pretrain", "--config", "tiny", "--no-enhanced-decoding", "--max-length", "32"])
+    model, _ = pretrain.build_model_and_tokenizer(args)
+    assert model.config.enhanced_decoding is False
 
 
 def test_jsonl_files_and_folders_are_read(tmp_path):
