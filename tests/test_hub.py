@@ -168,6 +168,31 @@ def test_release_without_a_token_says_how_to_log_in_and_sends_nothing(model_dir,
     assert requests == []
 
 
+class RecordingApi:
+    """An HfApi stand-in that records the calls a release makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        self.calls.append(("upload_folder", repo_id, files_in(Path(folder_path)), commit_message))
+        return type("CommitInfo", (), {"commit_url": f"https://hub.test/{repo_id}/commit/{'b' * 40}"})()
+
+
+def test_private_release_creates_a_private_repo_then_commits_once(model_dir):
+    api = RecordingApi()
+    url = release(model_dir, "org/tiny-retromae", private=True, api=api)
+    assert url == f"https://hub.test/org/tiny-retromae/commit/{'b' * 40}"
+    assert api.calls == [
+        ("create_repo", "org/tiny-retromae", True, True),
+        ("upload_folder", "org/tiny-retromae", EXPECTED_FILES, "Release org/tiny-retromae (retromae)"),
+    ]
+
+
 class NoUploads:
     """An HfApi stand-in that fails the test if anything is sent."""
 
