@@ -133,13 +133,14 @@ def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
     assert AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True) is not None
 
 
-def test_help_documents_every_option(capsys):
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert"])
+def test_help_documents_every_option(capsys, command):
     with pytest.raises(SystemExit):
-        main(["pretrain", "--help"])
+        main([command, "--help"])
     text = capsys.readouterr().out
     parser = build_parser()
-    pretraining = parser._subparsers._group_actions[0].choices["pretrain"]
-    for action in pretraining._actions:
+    subcommand = parser._subparsers._group_actions[0].choices[command]
+    for action in subcommand._actions:
         assert action.help, action.dest
         for flag in action.option_strings:
             assert flag in text
