@@ -103,7 +103,7 @@ def wikipedia_excerpt_path() -> str:
 
 
 def demo_articles() -> list[Article]:
-    """The Wikipedia excerpt cleaned to plain paragraphs: 106 articles, about 4,900 paragraphs of 20+ words."""
+    """The Wikipedia excerpt cleaned to plain paragraphs: 105 articles, about 4,900 paragraphs of 20+ words."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []

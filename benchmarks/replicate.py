@@ -12,7 +12,7 @@ then scores each encoder's [CLS] embedding, with no fine-tuning, on an inverse-c
 task built from articles held apart from pre-training: a sentence is the query, its paragraph
 without that sentence the one relevant document, among every paragraph of those articles.
 The figures are nDCG@10, MRR@10 and Recall@100 from `retromae.evaluate`. The corpus is the
-Wikipedia excerpt of the demo extra (106 articles).
+Wikipedia excerpt of the demo extra (105 articles).
 
     python benchmarks/replicate.py                  # the experiment (about 45 minutes on 2 cores)
     python benchmarks/replicate.py --seeds 0 1 2    # more seeds, mean and spread reported
