@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import finetune, pretrain
 from .data import CorpusError
-from .evaluate import EvaluationError, evaluate, load_beir, load_model
+from .evaluate import METRICS, EvaluationError, evaluate, load_beir, load_model
 from .hub import CardError, ReleaseError, convert, export_bert, release
 from .hub.card import TEMPLATE
 
@@ -146,7 +146,7 @@ def read_report(path: str) -> dict:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ReleaseError(f"--evaluation {path}: not a readable JSON report ({error}).") from None
-    if not isinstance(report, dict) or not {"data", "ndcg@10", "mrr@10", "recall@100"} <= set(report):
+    if not isinstance(report, dict) or not {"data", *METRICS} <= set(report):
         raise ReleaseError(f"--evaluation {path}: not a `retromae evaluate` report (needs data, ndcg@10, mrr@10, recall@100).")
     return report
 

@@ -66,6 +66,11 @@ class RetroMAEConfig(BertConfig):
         self._check_retromae_fields()
         super().__post_init__(**kwargs)
 
+    def to_bert_config(self) -> BertConfig:
+        """The encoder's settings alone, as a plain `BertConfig`: a BERT with the same weights loads under it."""
+        bert_fields = BertConfig().to_dict()
+        return BertConfig(**{k: v for k, v in self.to_dict().items() if k in bert_fields})
+
     def _check_retromae_fields(self):
         """Raise `ValueError` naming the field when a setting cannot describe a RetroMAE model."""
         for field in ("encoder_mask_ratio", "decoder_mask_ratio"):

@@ -22,7 +22,6 @@ GPU the peak allocated memory of one step.
 import argparse
 import copy
 import json
-import platform
 import random
 import statistics
 import time
@@ -30,9 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining, RetroMAEModel
+from retromae.pretrain import demo_model_path, hardware
 
 
 SIZES = {
@@ -178,10 +178,6 @@ def gemm_seconds(flops: int, repeats: int, device: torch.device, dtype: torch.dt
     return seconds, count * per_matmul / seconds
 
 
-def bert_config(config: RetroMAEConfig) -> BertConfig:
-    return BertConfig(**{k: v for k, v in config.to_dict().items() if k in BertConfig().to_dict()})
-
-
 def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -195,7 +191,7 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     ours = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device)
     reference = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="eager").to(device)
     reference.load_state_dict(ours.state_dict())
-    mlm = BertForMaskedLM(bert_config(config)).to(device)
+    mlm = BertForMaskedLM(config.to_bert_config()).to(device)
     mlm.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("decoder.")})
 
     collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
@@ -248,7 +244,7 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
 
     encoder = RetroMAEModel(copy.deepcopy(config)).to(device).eval()
     encoder.load_state_dict(ours.bert.state_dict())
-    bert = BertModel(bert_config(config), add_pooling_layer=False).to(device).eval()
+    bert = BertModel(config.to_bert_config(), add_pooling_layer=False).to(device).eval()
     bert.load_state_dict(ours.bert.state_dict())
     inputs = dict(input_ids=batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
     with torch.no_grad(), autocast():
@@ -277,12 +273,6 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         "saved_for_backward_mib": saved_mib,
         "peak_step_mib": peak_mib,
     }
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def print_table(report: dict) -> None:
@@ -318,18 +308,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.size, args.seq_lengths, args.batch_size, args.repeats, args.warmup = "smoke", [32], 2, 1, 0
-    if args.tokenizer is None:
-        from retromae.pretrain import demo_model_path
-
-        args.tokenizer = demo_model_path()
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
     results = [benchmark_length(args, tokenizer, length) for length in args.seq_lengths]
     report = {
         "size": args.size,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
-        "machine": machine_description(torch.device(args.device)),
+        "machine": f"{hardware(torch.device(args.device))}, torch {torch.__version__}",
         "results": results,
     }
     with open(args.output, "w") as file:

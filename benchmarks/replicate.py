@@ -24,7 +24,6 @@ and replicate_losses.png (encoder and decoder loss per step).
 
 import argparse
 import json
-import platform
 import random
 import re
 import statistics
@@ -35,13 +34,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, BertForMaskedLM, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
 from retromae.data import Article, demo_articles
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
-from retromae.pretrain import demo_model_path
+from retromae.pretrain import demo_model_path, hardware
 from retromae.sentence_transformer import to_sentence_transformer
 
 
@@ -101,8 +100,7 @@ def build_model(objective: str, config: RetroMAEConfig, weights: dict, seed: int
     """The model a variant trains: BertForMaskedLM, or RetroMAE with a decoder seeded alike across variants."""
     torch.manual_seed(seed)
     if objective == "mlm":
-        fields = BertConfig().to_dict()
-        model = BertForMaskedLM(BertConfig(**{k: v for k, v in config.to_dict().items() if k in fields}))
+        model = BertForMaskedLM(config.to_bert_config())
         model.load_state_dict(weights)
         return model
     model = RetroMAEForPreTraining(config)
@@ -275,7 +273,7 @@ def main() -> None:
 
     report = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{hardware(torch.device('cpu'))}, torch {torch.__version__}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("seed", "output_dir")},
         "model": "fresh 4 x 256 BERT" if not args.init else args.init,
         "corpus": {"pretraining_passages": len(passages), "pretraining_articles": len(training_articles), "evaluation_articles": len(evaluation_articles)},

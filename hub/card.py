@@ -11,8 +11,6 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from ..pretrain import PRETRAINING_FILE
-
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TAGS = ["retromae", "sentence-transformers", "feature-extraction"]

@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 from transformers.configuration_utils import PreTrainedConfig
 
 from ..modeling_retromae import RetroMAEForMaskedLM
-from ..pretrain import save_atomically
+from ..pretrain import PRETRAINING_FILE, save_atomically
 from ..sentence_transformer import add_sentence_transformers_files
-from .card import PRETRAINING_FILE
 from .release import PROBE_TEXTS, TOLERANCE, ReleaseError
 
 
@@ -48,8 +47,7 @@ def export_bert(source: str, destination: str | Path) -> Path:
     check_model_type(source, {"retromae"})
     retromae, _ = load(RetroMAEForMaskedLM, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    fields = BertConfig().to_dict()
-    bert = BertForMaskedLM(BertConfig(**{k: v for k, v in retromae.config.to_dict().items() if k in fields}))
+    bert = BertForMaskedLM(retromae.config.to_bert_config())
     bert.load_state_dict(retromae.state_dict())
     bert.config.architectures = ["BertForMaskedLM"]
 

@@ -22,15 +22,15 @@ from transformers.utils import logging
 
 from ..configuration_retromae import AUTO_MAP
 from ..modeling_retromae import RetroMAEModel
-from ..pretrain import save_atomically
+from ..pretrain import PRETRAINING_FILE, save_atomically
 from ..sentence_transformer import add_sentence_transformers_files, load_sentence_transformer
-from .card import PRETRAINING_FILE, TEMPLATE, model_card
+from .card import TEMPLATE, model_card
 
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CODE_FILES = ("configuration_retromae.py", "modeling_retromae.py")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-LEFT_BEHIND = ("README.md", "training_args.bin", ".cache")
+LEFT_BEHIND = ("README.md", ".cache")
 PROBE_TEXTS = [
     "RetroMAE compresses a passage into its [CLS] embedding.",
     "Dense retrieval embeds queries and passages in one vector space.",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, BertConfig, BertForMaskedLM, BertModel
+from transformers import AutoModel, BertForMaskedLM, BertModel
 
 from retromae import RetroMAEForPreTraining
 from retromae.hub import CardError, ReleaseError, convert, export_bert, release
@@ -221,7 +221,7 @@ def test_bad_input_is_refused_before_anything_is_written_or_sent(model_dir, tmp_
 
 def test_a_bert_folder_is_sent_to_convert_and_pickles_are_refused(tmp_path, tiny_config, tokenizer):
     bert = tmp_path / "bert"
-    BertModel(BertConfig(**{k: v for k, v in tiny_config.to_dict().items() if k in BertConfig().to_dict()})).save_pretrained(bert)
+    BertModel(tiny_config.to_bert_config()).save_pretrained(bert)
     with pytest.raises(ReleaseError, match="retromae convert"):
         release(bert, "org/x", dry_run=tmp_path / "repo")
     pickled = tmp_path / "pickled"
@@ -272,7 +272,7 @@ def test_released_repository_loads_by_repo_id_and_revision_from_an_offline_hub_c
 
 def test_convert_keeps_a_bert_for_masked_lm_and_exports_back_to_plain_bert(tmp_path, tiny_config, tokenizer):
     torch.manual_seed(0)
-    bert = BertForMaskedLM(BertConfig(**{k: v for k, v in tiny_config.to_dict().items() if k in BertConfig().to_dict()}))
+    bert = BertForMaskedLM(tiny_config.to_bert_config())
     bert.save_pretrained(tmp_path / "authors")
     tokenizer.save_pretrained(tmp_path / "authors")
     assert convert(str(tmp_path / "authors"), tmp_path / "converted") is True
