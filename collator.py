@@ -14,6 +14,7 @@ loader prefetches, and a new epoch (`set_epoch`) draws new ones.
 import hashlib
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -214,18 +215,35 @@ class RetroMAECollator:
         sequence with content has at least one masked token.
         """
         word_ids, word_lengths = self._words(input_ids, content)  # (batch, seq), (batch, words)
-        batch, num_words = word_lengths.shape
         budget = (content.sum(1) * ratio).round().clamp(min=1)  # (batch,)
-        keys = torch.rand((batch, patterns, num_words), generator=generator)
-        keys = keys.masked_fill(word_lengths[:, None] == 0, 2.0)  # absent words sort last
-        order = keys.argsort(dim=-1)  # (batch, patterns, words) a random order of the words
-        lengths_in_order = word_lengths[:, None].expand(-1, patterns, -1).gather(-1, order)
-        taken_in_order = lengths_in_order.cumsum(-1) <= budget[:, None, None]
-        taken_in_order[..., 0] = True
-        taken = torch.zeros_like(taken_in_order).scatter_(-1, order, taken_in_order)
-        taken &= word_lengths[:, None] > 0
-        token_words = word_ids[:, None].expand(-1, patterns, -1)  # (batch, patterns, seq)
-        return taken.gather(-1, token_words) & content[:, None]
+        order_keys, index_bits = self._random_order_keys(word_lengths, patterns, generator)  # (batch, patterns, words)
+        in_order = torch.from_numpy(np.sort(order_keys.numpy(), axis=-1))
+        words_in_order = (in_order & ((1 << index_bits) - 1)).long()
+        lengths_in_order = word_lengths[:, None].expand(-1, patterns, -1).gather(-1, words_in_order)
+        taken = (lengths_in_order.cumsum(-1) <= budget[:, None, None]).sum(-1, keepdim=True).clamp(min=1)
+        last_key_taken = in_order.gather(-1, taken - 1)  # (batch, patterns, 1)
+        token_keys = order_keys.gather(-1, word_ids[:, None].expand(-1, patterns, -1))  # (batch, patterns, seq)
+        return (token_keys <= last_key_taken) & content[:, None]
+
+    @staticmethod
+    def _random_order_keys(
+        word_lengths: torch.LongTensor, patterns: int, generator: torch.Generator | None
+    ) -> tuple[torch.IntTensor, int]:
+        """
+        Distinct int32 keys whose ascending order is a random order of each sequence's words.
+
+        Each key is a random draw in the high bits and the word's index in the low `index_bits`:
+        sorting the keys (numpy's vectorised sort, an order of magnitude faster than an argsort)
+        gives the order and the word indices at once. Absent words (length 0) get the largest
+        draw, so they come last. Draws have 22 bits or more; a tie, broken by word index, occurs in
+        about one pattern in fifty at 512 tokens and one in three thousand at 128.
+        """
+        num_words = word_lengths.shape[1]
+        index_bits = max(1, (num_words - 1).bit_length())
+        absent = (1 << (31 - index_bits)) - 1
+        draws = torch.randint(absent, (word_lengths.shape[0], patterns, num_words), generator=generator, dtype=torch.int32)
+        draws.masked_fill_(word_lengths[:, None] == 0, absent)
+        return torch.add(torch.arange(num_words, dtype=torch.int32), draws, alpha=1 << index_bits), index_bits
 
     def _words(self, input_ids: torch.LongTensor, content: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Index of the word each content token belongs to (specials map to a last, empty slot) and word lengths."""

@@ -6,7 +6,7 @@ Variants, with the same weights and the same batch:
   mlm        BertForMaskedLM on the same encoder with encoder masking only (RetroMAE's floor)
   gemm       square matrix multiplies of the same FLOPs as `ours` (the machine's ceiling)
   compiled   `ours` under torch.compile (with --compile)
-plus collator throughput (ours vs a per-row Python reference, as in the authors' code) and
+plus collator throughput on one core (ours vs a per-row Python reference, as in the authors' code) and
 embedding throughput (RetroMAEModel vs BertModel). Before anything is timed, the losses of
 `ours` and `reference` must agree to 1e-4 (in float32, whatever --dtype times).
 
@@ -178,6 +178,22 @@ def gemm_seconds(flops: int, repeats: int, device: torch.device, dtype: torch.dt
     return seconds, count * per_matmul / seconds
 
 
+def collator_seconds_on_one_core(collator: RetroMAECollator, ids: list[list[int]], repeats: int) -> tuple[float, float]:
+    """Seconds per batch of our collator and of the per-row Python reference, both on one thread (a data loader worker)."""
+    tokenizer, reference_random, threads = collator.tokenizer, random.Random(0), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = median_seconds(lambda: collator(ids), repeats, 1)
+        reference = median_seconds(
+            lambda: [reference_decoder_mask(collator, [tokenizer.cls_token_id, *row, tokenizer.sep_token_id], reference_random) for row in ids],
+            max(1, repeats // 2),
+            0,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return ours, reference
+
+
 def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -234,13 +250,7 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     flops = count_flops(variants["ours"][1])
     gemm_time, gemm_flops_per_second = gemm_seconds(flops, args.repeats, device, autocast_dtype, synchronize)
 
-    reference_random = random.Random(0)
-    collator_seconds = median_seconds(lambda: collator(ids), args.repeats, 1)
-    reference_collator_seconds = median_seconds(
-        lambda: [reference_decoder_mask(collator, [tokenizer.cls_token_id, *row, tokenizer.sep_token_id], reference_random) for row in ids],
-        max(1, args.repeats // 2),
-        0,
-    )
+    collator_seconds, reference_collator_seconds = collator_seconds_on_one_core(collator, ids, args.repeats)
 
     encoder = RetroMAEModel(copy.deepcopy(config)).to(device).eval()
     encoder.load_state_dict(ours.bert.state_dict())
