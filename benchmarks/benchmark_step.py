@@ -136,10 +136,17 @@ def training_step(model, optimizer, compute_loss):
     return step
 
 
-def count_flops(compute_loss) -> int:
+def flops_by_part(model, compute_loss) -> dict[str, int]:
+    """FLOPs of one forward and backward pass: in all, and in each top-level part of the model (encoder, MLM head, decoder)."""
     with FlopCounterMode(display=False) as counter:
         compute_loss().backward()
-    return counter.get_total_flops()
+    prefix = type(model).__name__ + "."
+    parts = {
+        name.removeprefix(prefix): sum(ops.values())
+        for name, ops in counter.get_flop_counts().items()
+        if name.startswith(prefix) and "." not in name.removeprefix(prefix)
+    }
+    return {"total": counter.get_total_flops(), **parts}
 
 
 def saved_for_backward_mib(compute_loss) -> float:
@@ -247,8 +254,8 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     seconds = interleaved_medians(steps, args.repeats, args.warmup, synchronize)
     saved_mib = {name: saved_for_backward_mib(loss) for name, (_, loss) in variants.items()}
     peak_mib = {name: peak_step_mib(step, device) for name, step in steps.items()}
-    flops = count_flops(variants["ours"][1])
-    gemm_time, gemm_flops_per_second = gemm_seconds(flops, args.repeats, device, autocast_dtype, synchronize)
+    flops = {name: flops_by_part(variants[name][0], variants[name][1]) for name in ("ours", "mlm")}
+    gemm_time, gemm_flops_per_second = gemm_seconds(flops["ours"]["total"], args.repeats, device, autocast_dtype, synchronize)
 
     collator_seconds, reference_collator_seconds = collator_seconds_on_one_core(collator, ids, args.repeats)
 
@@ -272,7 +279,9 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         "ours_over_mlm": seconds["ours"] / seconds["mlm"],
         "compiled_over_mlm": seconds["compiled"] / seconds["mlm"] if args.compile else None,
         "step_flops": flops,
-        "achieved_over_gemm_flops": (flops / seconds["ours"]) / gemm_flops_per_second,
+        "ours_over_mlm_flops": flops["ours"]["total"] / flops["mlm"]["total"],
+        "achieved_over_gemm_flops": (flops["ours"]["total"] / seconds["ours"]) / gemm_flops_per_second,
+        "mlm_achieved_over_gemm_flops": (flops["mlm"]["total"] / seconds["mlm"]) / gemm_flops_per_second,
         "gemm_seconds_same_flops": gemm_time,
         "gemm_flops_per_second": gemm_flops_per_second,
         "collator_examples_per_second": args.batch_size / collator_seconds,
@@ -296,6 +305,9 @@ def print_table(report: dict) -> None:
             f"{r['ours_over_mlm']:<8.2f} {compiled:<8} {r['achieved_over_gemm_flops']:<9.2f} {r['collator_speedup']:<11.1f} "
             f"{r['retromae_over_bert_embedding_throughput']:<6.3f} {saved['ours']:.0f}/{saved['mlm']:.0f}"
         )
+        for name, parts in r["step_flops"].items():
+            print(f"      {name} GFLOP " + ", ".join(f"{part} {flops / 1e9:.1f}" for part, flops in parts.items()))
+        print(f"      FLOPs ours/mlm {r['ours_over_mlm_flops']:.2f}; mlm FLOP/GEMM {r['mlm_achieved_over_gemm_flops']:.2f}")
         if r["peak_step_mib"]["ours"] is not None:
             print("      peak MiB " + ", ".join(f"{name} {mib:.0f}" for name, mib in r["peak_step_mib"].items()))
 

@@ -159,6 +159,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, b
         torch.testing.assert_close(parameter.grad, checkpointed.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss_and_gradients(tiny_config, batch):
+    eager = RetroMAEForPreTraining(tiny_config).train()
+    compiled = RetroMAEForPreTraining(tiny_config).train()
+    compiled.load_state_dict(eager.state_dict())
+    losses = []
+    for forward in (eager, torch.compile(compiled)):
+        loss = forward(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name, parameter in eager.named_parameters():
+        torch.testing.assert_close(parameter.grad, compiled.get_parameter(name).grad, atol=1e-5, rtol=1e-4)
+
+
 def test_more_decoder_layers_are_built_and_trained(tiny_config, batch):
     tiny_config.num_decoder_layers = 2
     model = RetroMAEForPreTraining(tiny_config)
