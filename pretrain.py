@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.utils import logging as transformers_logging
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
@@ -41,6 +42,7 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 RELEASE_FOLDER = "model"
 STAGING_FOLDER = ".staging"
 PRETRAINING_FILE = "retromae_pretraining.json"
+FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "cls": "the MLM head (the checkpoint has none)"}
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
 DEMO_DATASET = "wikimedia/wikipedia"
@@ -238,9 +240,7 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
     else:
         try:
-            model = RetroMAEForPreTraining.from_pretrained(
-                args.model, attn_implementation=args.attn_implementation, **ratios
-            )
+            model = load_base_model(args.model, args.attn_implementation, ratios)
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         except (OSError, ValueError) as error:
             raise UsageError(f"--model {args.model}: not a BERT or RetroMAE checkpoint ({error}).") from None
@@ -249,6 +249,38 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
             f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings} positions."
         )
     return model, tokenizer
+
+
+def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroMAEForPreTraining:
+    """
+    Load RetroMAEForPreTraining from a BERT or RetroMAE checkpoint and say in one line what was new.
+
+    transformers' own load report lists every decoder tensor as missing and calls a checkpoint
+    without an MLM head corrupted; both are expected when pre-training starts from a BERT, so it
+    is replaced by a summary that names only what matters.
+    """
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = RetroMAEForPreTraining.from_pretrained(
+            name, attn_implementation=attn_implementation, output_loading_info=True, **ratios
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if os.environ.get("RANK", "0") != "0":
+        return model
+    missing = set(info["missing_keys"])
+    fresh = [part for part in ("decoder", "cls") if any(key.startswith(part + ".") for key in missing)]
+    missing_encoder = sorted(key for key in missing if key.startswith("bert."))
+    print(
+        f"Loaded {name}: encoder from the checkpoint"
+        + "".join(f"; {FRESH_PARTS[part]} initialised afresh" for part in fresh)
+        + (f"; ignored {len(info['unexpected_keys'])} tensors it has and RetroMAE does not use" if info["unexpected_keys"] else "")
+        + "."
+    )
+    if missing_encoder:
+        print(f"Warning: the checkpoint lacks {len(missing_encoder)} encoder tensors, initialised at random: {', '.join(missing_encoder[:5])}")
+    return model
 
 
 def training_arguments(args: argparse.Namespace) -> TrainingArguments:
