@@ -233,9 +233,9 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         decoder_mask_ratio=args.decoder_mask_ratio,
         enhanced_decoding=args.enhanced_decoding,
     )
+    torch.manual_seed(args.seed)  # the fresh parts (all of --config, the decoder from a checkpoint) are drawn from it
     if args.config:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
-        torch.manual_seed(args.seed)
         config = RetroMAEConfig(vocab_size=len(tokenizer), **SIZES[args.config], **ratios)
         model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
     else:

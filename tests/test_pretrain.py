@@ -91,6 +91,18 @@ def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capf
     assert "Warning" not in said
 
 
+def test_the_fresh_decoder_of_a_checkpoint_follows_the_seed(tiny_config, tokenizer, tmp_path):
+    BertModel(tiny_config.to_bert_config()).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    parser = build_parser()
+    decoders = []
+    for seed in ("3", "3", "4"):
+        args = parser.parse_args(["pretrain", "--model", str(tmp_path / "bert"), "--seed", seed, "--max-length", "32"])
+        model, _ = pretrain.build_model_and_tokenizer(args)
+        decoders.append(model.decoder.layers[0].attention.self.query.weight)
+    assert torch.equal(decoders[0], decoders[1]) and not torch.equal(decoders[0], decoders[2])
+
+
 def test_no_enhanced_decoding_builds_the_ablation(tmp_path):
     args = build_parser().parse_args(["pretrain", "--config", "tiny", "--no-enhanced-decoding", "--max-length", "32"])
     model, _ = pretrain.build_model_and_tokenizer(args)
