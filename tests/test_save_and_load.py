@@ -68,6 +68,13 @@ def test_auto_models_from_the_folder_give_identical_outputs(saved, batch):
         assert torch.equal(masked_lm(ids, attention_mask=mask).logits, expected)
 
 
+def test_embedding_model_loads_a_checkpoint_or_release_quietly(saved, tmp_path, no_transformers_warnings):
+    folder, model = saved
+    model.save_pretrained(tmp_path / "release", state_dict={k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
+    for source in (folder, tmp_path / "release"):  # with and without the decoder; both with the MLM head
+        assert type(AutoModel.from_pretrained(source, trust_remote_code=True)).__name__ == "RetroMAEModel"
+
+
 def test_saved_model_loads_as_plain_bert(saved, batch):
     folder, model = saved
     ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
