@@ -99,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def run_pretrain(args: argparse.Namespace) -> None:
     release = pretrain.run(args)
     if release is not None:

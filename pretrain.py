@@ -270,7 +270,7 @@ def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroM
     if os.environ.get("RANK", "0") != "0":
         return model
     missing = set(info["missing_keys"])
-    fresh = [part for part in ("decoder", "cls") if any(key.startswith(part + ".") for key in missing)]
+    fresh = [part for part in FRESH_PARTS if any(key.startswith(part + ".") for key in missing)]
     missing_encoder = sorted(key for key in missing if key.startswith("bert."))
     print(
         f"Loaded {name}: encoder from the checkpoint"
