@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -259,14 +260,10 @@ def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroM
     without an MLM head corrupted; both are expected when pre-training starts from a BERT, so it
     is replaced by a summary that names only what matters.
     """
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
+    with quiet_loading():
         model, info = RetroMAEForPreTraining.from_pretrained(
             name, attn_implementation=attn_implementation, output_loading_info=True, **ratios
         )
-    finally:
-        transformers_logging.set_verbosity(verbosity)
     if os.environ.get("RANK", "0") != "0":
         return model
     missing = set(info["missing_keys"])
@@ -281,6 +278,17 @@ def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroM
     if missing_encoder:
         print(f"Warning: the checkpoint lacks {len(missing_encoder)} encoder tensors, initialised at random: {', '.join(missing_encoder[:5])}")
     return model
+
+
+@contextmanager
+def quiet_loading():
+    """Hold back transformers' warnings (its load report among them) where the caller says itself what loading did."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def training_arguments(args: argparse.Namespace) -> TrainingArguments:

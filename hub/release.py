@@ -9,7 +9,6 @@ with `upload_folder`: one commit, or nothing at all.
 import json
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,11 +17,10 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
-from transformers.utils import logging
 
 from ..configuration_retromae import AUTO_MAP
 from ..modeling_retromae import RetroMAEModel
-from ..pretrain import PRETRAINING_FILE, save_atomically
+from ..pretrain import PRETRAINING_FILE, quiet_loading, save_atomically
 from ..sentence_transformer import add_sentence_transformers_files, load_sentence_transformer
 from .card import TEMPLATE, model_card
 
@@ -132,24 +130,13 @@ def check_release(folder: Path, source: Path) -> None:
     """Load the assembled repository both ways users will, and compare its embeddings with the source's."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), encoder_only_loading():
+    with torch.no_grad(), quiet_loading():  # a source saved with older code may report its MLM head as unused
         released = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()(**inputs).sentence_embedding
         original = RetroMAEModel.from_pretrained(source).eval()(**inputs).sentence_embedding
         compare("AutoModel", released, original)
         released = SentenceTransformer(str(folder), trust_remote_code=True).encode(PROBE_TEXTS, convert_to_tensor=True)
         original = load_sentence_transformer(str(source)).encode(PROBE_TEXTS, convert_to_tensor=True)
         compare("SentenceTransformer", released, original)
-
-
-@contextmanager
-def encoder_only_loading():
-    """Silence the load report that lists the MLM head as unused when only the encoder is loaded."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def compare(route: str, released: torch.Tensor, original: torch.Tensor) -> None:
