@@ -8,11 +8,18 @@ from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
 
+# A pre-training checkpoint (encoder, MLM head and decoder) is a model type of its own.
 AUTO_MAP = {
     "AutoConfig": "configuration_retromae.RetroMAEConfig",
     "AutoModel": "modeling_retromae.RetroMAEModel",
     "AutoModelForMaskedLM": "modeling_retromae.RetroMAEForMaskedLM",
     "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
+}
+# A released encoder is a BERT checkpoint first: its config.json says `bert`, so every BERT tool
+# takes it, and only the encoder classes point at this code, as an opt-in (trust_remote_code).
+RELEASE_AUTO_MAP = {
+    "AutoModel": "modeling_retromae.RetroMAEModel",
+    "AutoModelForMaskedLM": "modeling_retromae.RetroMAEForMaskedLM",
 }
 
 
@@ -42,7 +49,8 @@ class RetroMAEConfig(BertConfig):
         auto_map (`dict`, *optional*):
             Maps the Auto classes to this remote code; filled in so that `AutoConfig`,
             `AutoModel`, `AutoModelForMaskedLM` and `AutoModelForPreTraining` all resolve from a
-            saved folder with `trust_remote_code=True`.
+            saved pre-training checkpoint with `trust_remote_code=True`. A released encoder is
+            saved with a BERT config instead (see `release_config_dict`).
 
     Example:
 
@@ -66,6 +74,20 @@ class RetroMAEConfig(BertConfig):
         self._check_retromae_fields()
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """
+        The config dict of a checkpoint, a BERT one read as RetroMAE's.
+
+        A BERT config.json (a RetroMAE release, or any BERT to start pre-training from) describes
+        the encoder; RetroMAE's own fields, where the release kept them, are read too.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "bert":
+            encoder_only = ("model_type", "auto_map", "architectures")
+            config_dict = {k: v for k, v in config_dict.items() if k not in encoder_only} | {"model_type": cls.model_type}
+        return config_dict, kwargs
+
     def to_bert_config(self) -> BertConfig:
         """The encoder's settings alone, as a plain `BertConfig`: a BERT with the same weights loads under it."""
         bert_fields = BertConfig().to_dict()
@@ -86,6 +108,18 @@ class RetroMAEConfig(BertConfig):
             )
 
 
+def release_config_dict(config: BertConfig, architecture: str) -> dict:
+    """
+    The config.json of a released encoder: a `bert` config first, RetroMAE's code as an opt-in.
+
+    Without `trust_remote_code` every loader sees a BERT (`BertModel`, `BertForMaskedLM`,
+    sentence-transformers, BERT-only serving stacks); with it, `AutoModel` and
+    `AutoModelForMaskedLM` resolve to the RetroMAE classes. RetroMAE's settings stay as keys
+    of their own.
+    """
+    return config.to_dict() | {"model_type": "bert", "architectures": [architecture], "auto_map": dict(RELEASE_AUTO_MAP)}
+
+
 RetroMAEConfig.register_for_auto_class()
 
-__all__ = ["RetroMAEConfig"]
+__all__ = ["RetroMAEConfig", "release_config_dict"]

@@ -19,7 +19,8 @@ from sentence_transformers.sentence_transformer.losses import (
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
 from .data import json_lines
-from .pretrain import AtomicCheckpoints, UsageError, check_output_dir, resume_checkpoint, save_atomically
+from .model_folder import save_atomically
+from .pretrain import AtomicCheckpoints, UsageError, check_output_dir, resume_checkpoint
 from .sentence_transformer import load_sentence_transformer
 
 

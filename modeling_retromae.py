@@ -18,10 +18,14 @@ One pre-training step, in the order of the paper and of this file:
    (`decoder_loss`). The loss is `encoder_loss + decoder_loss`.
 
 After pre-training the decoder is discarded: the encoder is a plain BERT whose [CLS] state
-is used for retrieval. This file is Hub remote code: it imports only torch, transformers and
-the configuration next to it.
+is used for retrieval, and `save_pretrained` of the encoder classes writes it as a BERT
+checkpoint first (config.json of type `bert`, sentence-transformers files for [CLS] pooling),
+with this code as an opt-in. This file is Hub remote code: it imports only torch,
+transformers and the configuration next to it.
 """
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ from torch import nn
 from transformers import BertForMaskedLM, BertModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
+from transformers.processing_utils import Unpack
 from transformers.models.bert.modeling_bert import (
     BertAttention,
     BertIntermediate,
@@ -37,12 +42,19 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     BertPreTrainedModel,
 )
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_retromae import RetroMAEConfig
+from .configuration_retromae import RetroMAEConfig, release_config_dict
 
 
 IGNORE_INDEX = -100
+# sentence-transformers' files for [CLS] pooling, in the format every version of it reads (and
+# text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
+SENTENCE_TRANSFORMERS_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+]
 
 
 @dataclass
@@ -109,7 +121,54 @@ class RetroMAEPreTrainedModel(BertPreTrainedModel):
     _supports_flex_attn = False
 
 
-class RetroMAEModel(RetroMAEPreTrainedModel, BertModel):
+def write_sentence_transformers_files(folder: str | os.PathLike, config) -> None:
+    """Configure a saved encoder folder for sentence-transformers: [CLS] pooling, no pooler layer, cosine similarity."""
+    files = {
+        "modules.json": SENTENCE_TRANSFORMERS_MODULES,
+        "sentence_bert_config.json": {"max_seq_length": min(config.max_position_embeddings, 512), "do_lower_case": False},
+        "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": config.hidden_size,
+            "pooling_mode_cls_token": True,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    }
+    for name, content in files.items():
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2)
+            file.write("\n")
+
+
+class RetroMAEReleasedEncoder:
+    """
+    Saving writes what users are handed: a BERT checkpoint first, RetroMAE's code as an opt-in.
+
+    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, a config.json of
+    type `bert` whose `auto_map` points the encoder classes at this code, and the
+    sentence-transformers files, so that `SentenceTransformer(folder)` embeds with [CLS] as
+    RetroMAE does, and BERT tools with no remote code take the folder as it is.
+    """
+
+    bert_architecture: str
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
+            json.dump(release_config_dict(self.config, self.bert_architecture), file, indent=2, sort_keys=True)
+            file.write("\n")
+        write_sentence_transformers_files(save_directory, self.config)
+        if push_to_hub:
+            self.push_to_hub(upload.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **upload)
+
+
+class RetroMAEModel(RetroMAEReleasedEncoder, RetroMAEPreTrainedModel, BertModel):
     """
     The RetroMAE encoder: BERT without the pooler, returning the sentence embedding.
 
@@ -120,6 +179,7 @@ class RetroMAEModel(RetroMAEPreTrainedModel, BertModel):
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^cls\.", r"^pooler\."]
+    bert_architecture = "BertModel"
 
     def __init__(self, config: RetroMAEConfig):
         super().__init__(config, add_pooling_layer=False)
@@ -132,7 +192,7 @@ class RetroMAEModel(RetroMAEPreTrainedModel, BertModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> RetroMAEModelOutput:
         """Encode a batch; `sentence_embedding` is the final [CLS] state (paper §3.2)."""
         outputs = super().forward(
@@ -152,14 +212,18 @@ class RetroMAEModel(RetroMAEPreTrainedModel, BertModel):
         )
 
 
-class RetroMAEForMaskedLM(RetroMAEPreTrainedModel, BertForMaskedLM):
+class RetroMAEForMaskedLM(RetroMAEReleasedEncoder, RetroMAEPreTrainedModel, BertForMaskedLM):
     """
     The RetroMAE encoder with its MLM head: the layout of a released RetroMAE checkpoint.
 
     Identical to `BertForMaskedLM` (the authors release their encoders in that layout); it is
     what `AutoModelForMaskedLM` resolves to, and what pre-training leaves once the decoder is
-    dropped.
+    dropped. A pre-training checkpoint's decoder and a BERT checkpoint's pooler are skipped
+    quietly on load.
     """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"pooler\."]
+    bert_architecture = "BertForMaskedLM"
 
 
 class RetroMAEDecoderLayer(GradientCheckpointingLayer):
@@ -215,6 +279,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    main_input_name = "encoder_input_ids"
 
     def __init__(self, config: RetroMAEConfig):
         super().__init__(config)
@@ -312,4 +377,5 @@ __all__ = [
     "RetroMAEModel",
     "RetroMAEModelOutput",
     "RetroMAEPreTrainedModel",
+    "write_sentence_transformers_files",
 ]

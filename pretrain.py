@@ -12,20 +12,18 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
-from transformers.utils import logging as transformers_logging
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .data import corpus_files, demo_corpus, load_corpus
+from .model_folder import public_name, quiet_loading, save_atomically, write_model_files
 from .modeling_retromae import RetroMAEForMaskedLM, RetroMAEForPreTraining
-from .sentence_transformer import add_sentence_transformers_files
 
 
 SIZES = {
@@ -42,9 +40,7 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 
 RELEASE_FOLDER = "model"
 STAGING_FOLDER = ".staging"
-PRETRAINING_FILE = "retromae_pretraining.json"
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "cls": "the MLM head (the checkpoint has none)"}
-DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
 DEMO_DATASET = "wikimedia/wikipedia"
 
@@ -280,17 +276,6 @@ def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroM
     return model
 
 
-@contextmanager
-def quiet_loading():
-    """Hold back transformers' warnings (its load report among them) where the caller says itself what loading did."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def training_arguments(args: argparse.Namespace) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.output_dir,
@@ -401,11 +386,10 @@ class LossLineProgressCallback(ProgressCallback):
 
 def run_summary(args: argparse.Namespace, trainer: Trainer, dataset, seconds: float) -> dict:
     """What the model card reports of this run: data, RetroMAE settings, steps, hardware, time, final losses."""
-    demo_model = args.model is not None and args.model == demo_model_path_or_none()
     losses = [entry for entry in trainer.state.log_history if "encoder_loss" in entry]
     return {
-        "base_model": DEMO_BASE_MODEL if demo_model else args.model or f"fresh {args.config} BERT",
-        "corpus": args.train_data or DEMO_CORPUS,
+        "base_model": public_name(args.model) if args.model else f"fresh {args.config} BERT",
+        "corpus": public_name(args.train_data) if args.train_data else DEMO_CORPUS,
         "datasets": [] if args.train_data else [DEMO_DATASET],
         "passages": None if args.streaming else len(dataset),
         "encoder_mask_ratio": args.encoder_mask_ratio,
@@ -424,13 +408,6 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, dataset, seconds: fl
     }
 
 
-def demo_model_path_or_none() -> str | None:
-    try:
-        return demo_model_path()
-    except UsageError:
-        return None
-
-
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -440,35 +417,7 @@ def hardware(device: torch.device) -> str:
 def release_encoder(
     model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path, summary: dict | None = None
 ) -> None:
-    """
-    Save the encoder and its MLM head, without the decoder, as a Hub-ready folder.
-
-    It loads with `AutoModel` / `AutoModelForMaskedLM` (trust_remote_code), as plain
-    `BertModel` / `BertForMaskedLM`, and as a CLS-pooled `SentenceTransformer`. Written under a
-    temporary name, then renamed.
-    """
+    """Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing model folder."""
     encoder = RetroMAEForMaskedLM(model.config)
     encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
-    encoder.config.architectures = ["RetroMAEForMaskedLM"]
-
-    def write(path: Path) -> None:
-        encoder.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        add_sentence_transformers_files(path, max_seq_length=min(model.config.max_position_embeddings, 512))
-        if summary is not None:
-            (path / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-
-    save_atomically(folder, write)
-
-
-def save_atomically(folder: Path, write) -> None:
-    """Run `write(temporary_folder)`, then swap the result in for `folder` by renaming."""
-    folder = Path(folder)
-    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    write(temporary)
-    previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, previous)
-    os.replace(temporary, folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    save_atomically(folder, lambda path: write_model_files(path, encoder, tokenizer, summary))

@@ -1,19 +1,9 @@
 """A RetroMAE encoder as a sentence-transformers model: the final [CLS] state, as in the paper."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-
-SENTENCE_TRANSFORMERS_FILES = (
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-    "1_Pooling/config.json",
-)
 
 
 def to_sentence_transformer(
@@ -50,19 +40,3 @@ def load_sentence_transformer(model_name_or_path: str) -> SentenceTransformer:
             raise ValueError(f"{path} is not a model folder (no config.json).")
         return to_sentence_transformer(str(path))
     return SentenceTransformer(model_name_or_path, trust_remote_code=True)
-
-
-def add_sentence_transformers_files(folder: str | Path, **options) -> None:
-    """
-    Write the sentence-transformers configuration into a saved model folder, weights untouched.
-
-    Afterwards `SentenceTransformer(folder, trust_remote_code=True)` loads it with CLS pooling;
-    `options` are those of `to_sentence_transformer`.
-    """
-    folder = Path(folder)
-    model = to_sentence_transformer(str(folder), **options)
-    with tempfile.TemporaryDirectory() as saved:
-        model.save(saved)
-        for name in SENTENCE_TRANSFORMERS_FILES:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(saved) / name, folder / name)

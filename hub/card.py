@@ -11,6 +11,8 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from ..model_folder import public_name
+
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TAGS = ["retromae", "sentence-transformers", "feature-extraction"]
@@ -24,6 +26,7 @@ CITATION = """@inproceedings{xiao2022retromae,
   year      = {2022},
   url       = {https://arxiv.org/abs/2205.12035}
 }"""
+NAMED_SOURCES = ("base_model", "converted_from", "corpus")
 PRETRAINING_ROWS = {
     "base_model": "initial weights",
     "corpus": "corpus",
@@ -58,7 +61,7 @@ def model_card(
     template: str | Path = TEMPLATE,
 ) -> ModelCard:
     """The card of `repo_id`, from the run's settings (`retromae_pretraining.json`) and `retromae evaluate` reports."""
-    pretraining = pretraining or {}
+    pretraining = public_record(pretraining or {})
     base_model = hub_id(pretraining.get("base_model") or pretraining.get("converted_from"))
     data = ModelCardData(
         license=license,
@@ -83,6 +86,11 @@ def model_card(
     card = ModelCard.from_template(data, template_path=str(template), **fields)
     check_card(str(card))
     return card
+
+
+def public_record(pretraining: dict) -> dict:
+    """The pre-training record as a release shows it: models and corpora named by Hub id or plain name, never a local path."""
+    return {k: public_name(v) if k in NAMED_SOURCES and isinstance(v, str) else v for k, v in pretraining.items()}
 
 
 def hub_id(name: str | None) -> str | None:

@@ -2,20 +2,19 @@
 
 The authors publish their encoders (`Shitao/RetroMAE`, `Shitao/RetroMAE_MSMARCO`, ...) as plain
 `BertForMaskedLM` folders. Converting one gives a folder `retromae release` takes: the same
-weights with a RetroMAE config, our code and the sentence-transformers files. Exporting goes the
-other way, to a plain BERT folder for serving stacks that know nothing of remote code.
+weights in our release layout (a BERT config that points the encoder classes at our code, the
+sentence-transformers files). Exporting goes the other way, to a BERT folder with no remote code
+at all.
 """
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 from transformers.configuration_utils import PreTrainedConfig
 
-from ..modeling_retromae import RetroMAEForMaskedLM
-from ..pretrain import PRETRAINING_FILE, save_atomically
-from ..sentence_transformer import add_sentence_transformers_files
+from ..model_folder import public_name, quiet_loading, save_atomically, write_model_files
+from ..modeling_retromae import RetroMAEForMaskedLM, write_sentence_transformers_files
 from .release import PROBE_TEXTS, TOLERANCE, ReleaseError
 
 
@@ -29,22 +28,15 @@ def convert(source: str, destination: str | Path) -> bool:
     check_model_type(source, {"bert", "retromae"})
     model, missing = load(RetroMAEForMaskedLM, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model.config.architectures = ["RetroMAEForMaskedLM"]
     check_same_encoder(source, model.bert, tokenizer)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        add_sentence_transformers_files(folder)
-        (folder / PRETRAINING_FILE).write_text(json.dumps({"converted_from": source, "base_model": source}, indent=2) + "\n")
-
-    save_atomically(Path(destination), write)
+    record = {"converted_from": public_name(source), "base_model": public_name(source)}
+    save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record))
     return not any(key.startswith("cls.") for key in missing)
 
 
 def export_bert(source: str, destination: str | Path) -> Path:
-    """Write a RetroMAE model as a plain `BertForMaskedLM` folder (no remote code) with the same weights."""
-    check_model_type(source, {"retromae"})
+    """Write a RetroMAE model as a `BertForMaskedLM` folder with no remote code at all (no `auto_map`, no .py), same weights."""
+    check_model_type(source, {"bert", "retromae"})
     retromae, _ = load(RetroMAEForMaskedLM, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     bert = BertForMaskedLM(retromae.config.to_bert_config())
@@ -54,7 +46,7 @@ def export_bert(source: str, destination: str | Path) -> Path:
     def write(folder: Path) -> None:
         bert.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        add_sentence_transformers_files(folder)
+        write_sentence_transformers_files(folder, bert.config)
 
     save_atomically(Path(destination), write)
     check_same_encoder(str(destination), retromae.bert, tokenizer)
@@ -73,7 +65,8 @@ def check_model_type(source: str, accepted: set[str]) -> None:
 def load(model_class, source: str) -> tuple[torch.nn.Module, list[str]]:
     """The model and the names of the weights the checkpoint did not hold."""
     try:
-        model, info = model_class.from_pretrained(source, output_loading_info=True)
+        with quiet_loading():  # what was missing is returned, and said by the caller
+            model, info = model_class.from_pretrained(source, output_loading_info=True)
         return model.eval(), info["missing_keys"]
     except (OSError, ValueError) as error:
         raise ReleaseError(f"{source} could not be loaded as {model_class.__name__} ({error}).") from None

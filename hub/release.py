@@ -1,9 +1,11 @@
 """`retromae release`: from a trained model folder to a complete, checked Hub repository in one commit.
 
-The repository is assembled in a folder first (weights, config with `auto_map`, both code
-files, tokenizer, sentence-transformers files, model card), loaded back by both user routes
-(`AutoModel` and `SentenceTransformer`) and compared with the source, and only then uploaded
-with `upload_folder`: one commit, or nothing at all.
+The repository is assembled in a folder first, in the layout every user-facing folder has (a
+BERT checkpoint whose config points the encoder classes at the code files beside it, tokenizer,
+sentence-transformers files), with the model card; it is loaded back the way users load it
+(`SentenceTransformer` with no flag, `AutoModel` with remote code) and compared with the source,
+and only then uploaded with `upload_folder`: one commit, or nothing at all. Folders saved by
+earlier versions (model type `retromae`) are re-released in the current layout.
 """
 
 import json
@@ -16,19 +18,18 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from sentence_transformers import SentenceTransformer
+from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from ..configuration_retromae import AUTO_MAP
-from ..modeling_retromae import RetroMAEModel
-from ..pretrain import PRETRAINING_FILE, quiet_loading, save_atomically
-from ..sentence_transformer import add_sentence_transformers_files, load_sentence_transformer
-from .card import TEMPLATE, model_card
+from ..configuration_retromae import RELEASE_AUTO_MAP
+from ..model_folder import PRETRAINING_FILE, quiet_loading, save_atomically, write_model_files
+from ..modeling_retromae import RetroMAEForMaskedLM, RetroMAEModel
+from ..sentence_transformer import load_sentence_transformer
+from .card import TEMPLATE, model_card, public_record
 
 
-PACKAGE = Path(__file__).resolve().parent.parent
-CODE_FILES = ("configuration_retromae.py", "modeling_retromae.py")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-LEFT_BEHIND = ("README.md", ".cache")
+SENTENCE_TRANSFORMERS_CONFIGS = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 PROBE_TEXTS = [
     "RetroMAE compresses a passage into its [CLS] embedding.",
     "Dense retrieval embeds queries and passages in one vector space.",
@@ -57,17 +58,17 @@ def release(
     check_repo_id(repo_id)
     source = check_model_folder(Path(model_dir))
     pretraining_file = source / PRETRAINING_FILE
-    pretraining = json.loads(pretraining_file.read_text()) if pretraining_file.is_file() else None
+    pretraining = public_record(json.loads(pretraining_file.read_text())) if pretraining_file.is_file() else None
     card = model_card(repo_id, pretraining, list(evaluations), license, language, template)
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
-        save_atomically(folder, lambda path: assemble(source, path, str(card)))
+        save_atomically(folder, lambda path: assemble(source, path, str(card), pretraining))
         check_release(folder, source)
         return str(folder)
     with tempfile.TemporaryDirectory() as workspace:
         folder = Path(workspace) / "repo"
-        assemble(source, folder, str(card))
+        assemble(source, folder, str(card), pretraining)
         check_release(folder, source)
         return upload(folder, repo_id, private, commit_message or f"Release {repo_id} (retromae)", api or HfApi(token=token))
 
@@ -86,10 +87,11 @@ def check_model_folder(folder: Path) -> Path:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ReleaseError(f"{folder} is not a model folder: it has no config.json.")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "bert":
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type == "bert" and config.get("auto_map", {}).get("AutoModel") != RELEASE_AUTO_MAP["AutoModel"]:
         raise ReleaseError(f"{folder} is a BERT checkpoint: turn it into a RetroMAE release with `retromae convert` first.")
-    if model_type != "retromae":
+    if model_type not in ("bert", "retromae"):
         raise ReleaseError(f"{folder} holds a {model_type!r} model, not a RetroMAE one.")
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -109,32 +111,44 @@ def login_token() -> str:
     return token
 
 
-def assemble(source: Path, folder: Path, card: str) -> None:
-    """Write the repository: the source's files (pickles left out), current code, `auto_map`, card, ST files."""
-    shutil.copytree(
-        source,
-        folder,
-        ignore=lambda _, names: [n for n in names if n in LEFT_BEHIND or n.endswith(PICKLE_SUFFIXES) or n.startswith("checkpoint-")],
-    )
-    for name in CODE_FILES:
-        shutil.copyfile(PACKAGE / name, folder / name)
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = dict(AUTO_MAP)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if not (folder / "modules.json").is_file():
-        add_sentence_transformers_files(folder)
+def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) -> None:
+    """Write the repository: the source's encoder in the release layout, its tokenizer, record and pipeline, the card."""
+    encoder_class = RetroMAEForMaskedLM if has_mlm_head(source) else RetroMAEModel
+    with quiet_loading():  # a pre-training checkpoint's decoder is left behind on purpose
+        encoder = encoder_class.from_pretrained(source)
+    write_model_files(folder, encoder, AutoTokenizer.from_pretrained(source), pretraining)
+    if (source / "modules.json").is_file():
+        copy_sentence_transformers_pipeline(source, folder)
     (folder / "README.md").write_text(card)
 
 
+def has_mlm_head(source: Path) -> bool:
+    for file in source.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as weights:
+            if any(key.startswith("cls.") for key in weights.keys()):
+                return True
+    return False
+
+
+def copy_sentence_transformers_pipeline(source: Path, folder: Path) -> None:
+    """Keep the source's own sentence-transformers modules (a fine-tuned model's pooling, normalisation)."""
+    for name in SENTENCE_TRANSFORMERS_CONFIGS:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    for module in json.loads((source / "modules.json").read_text()):
+        if module.get("path"):
+            shutil.copytree(source / module["path"], folder / module["path"], dirs_exist_ok=True)
+
+
 def check_release(folder: Path, source: Path) -> None:
-    """Load the assembled repository both ways users will, and compare its embeddings with the source's."""
+    """Load the assembled repository the ways users will, and compare its embeddings with the source's."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), quiet_loading():  # a source saved with older code may report its MLM head as unused
+    with torch.no_grad(), quiet_loading():  # plain BERT loading reports the MLM head as unused
         released = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()(**inputs).sentence_embedding
         original = RetroMAEModel.from_pretrained(source).eval()(**inputs).sentence_embedding
         compare("AutoModel", released, original)
-        released = SentenceTransformer(str(folder), trust_remote_code=True).encode(PROBE_TEXTS, convert_to_tensor=True)
+        released = SentenceTransformer(str(folder)).encode(PROBE_TEXTS, convert_to_tensor=True)
         original = load_sentence_transformer(str(source)).encode(PROBE_TEXTS, convert_to_tensor=True)
         compare("SentenceTransformer", released, original)
 

@@ -63,7 +63,8 @@ def test_dry_run_assembles_a_complete_checked_repository(model_dir, tmp_path, to
     evaluation = {"data": "/data/scifact", "split": "test", "queries": 300, "documents": 5183, "ndcg@10": 0.61, "mrr@10": 0.57, "recall@100": 0.9}
     folder = Path(release(model_dir, "org/tiny-retromae", dry_run=tmp_path / "repo", evaluations=[evaluation]))
     assert files_in(folder) == EXPECTED_FILES
-    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_retromae.RetroMAEModel"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["auto_map"]["AutoModel"] == "modeling_retromae.RetroMAEModel"
 
     card = ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
     metadata = card.data.to_dict()
@@ -73,7 +74,7 @@ def test_dry_run_assembles_a_complete_checked_repository(model_dir, tmp_path, to
     assert metadata["library_name"] == "sentence-transformers" and metadata["language"] == "en"
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"ndcg_at_10": 0.61, "mrr_at_10": 0.57, "recall_at_100": 0.9}
-    for text in ("| encoder mask ratio | 0.3 |", "| optimiser steps | 7 |", "scifact", "xiao2022retromae", 'AutoModel.from_pretrained("org/tiny-retromae"', "BertModel"):
+    for text in ("| encoder mask ratio | 0.3 |", "| optimiser steps | 7 |", "scifact", "xiao2022retromae", 'AutoModel.from_pretrained("org/tiny-retromae"', "BertForMaskedLM"):
         assert text in card.text
 
     source = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
@@ -129,12 +130,12 @@ def fake_hub():
     server.shutdown()
 
 
-def run_release(model_dir, repo_id, endpoint, tmp_path, token="hf_test_token"):
+def run_release(model_dir, repo_id, endpoint, tmp_path, token="hf_test_token", *options):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
     env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
     if token:
         env["HF_TOKEN"] = token
-    command = [sys.executable, "-m", "retromae.cli", "release", str(model_dir), "--repo-id", repo_id, "--commit-message", "First release"]
+    command = [sys.executable, "-m", "retromae.cli", "release", str(model_dir), "--repo-id", repo_id, "--commit-message", "First release", *options]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -154,7 +155,8 @@ def test_release_uploads_every_file_in_one_commit(model_dir, tmp_path, fake_hub)
     lines = [json.loads(line) for line in commits[0].splitlines()]
     assert lines[0] == {"key": "header", "value": {"summary": "First release", "description": ""}}
     sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
-    dry_run = Path(release(model_dir, "org/tiny-retromae", dry_run=tmp_path / "repo"))
+    dry_run = tmp_path / "repo"  # in the same environment: a saved tokenizer records how it was loaded (offline or not)
+    assert run_release(model_dir, "org/tiny-retromae", endpoint, tmp_path, "hf_test_token", "--dry-run", str(dry_run)).returncode == 0
     assert set(sent) == files_in(dry_run) == EXPECTED_FILES
     for path, content in sent.items():
         assert content == (dry_run / path).read_bytes(), path

