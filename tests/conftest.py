@@ -2,7 +2,9 @@
 
 import logging
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 # Before transformers is imported: no network, and a private cache for remote-code modules.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -76,3 +78,12 @@ def batch(tokenizer):
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+def place_in_hub_cache(cache: Path, repo_id: str, revisions: dict[str, Path], main: str) -> None:
+    """Lay folders out as the Hub cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for commit, folder in revisions.items():
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(main)

@@ -20,7 +20,7 @@ from retromae import RetroMAEForPreTraining
 from retromae.hub import CardError, ReleaseError, convert, export_bert, release
 from retromae.pretrain import release_encoder
 
-from conftest import MINILM_PATH, TEXTS
+from conftest import MINILM_PATH, TEXTS, place_in_hub_cache
 
 
 EXPECTED_FILES = {
@@ -238,15 +238,6 @@ def test_a_bert_folder_is_sent_to_convert_and_pickles_are_refused(tmp_path, tiny
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def place_in_hub_cache(cache: Path, repo_id: str, revisions: dict[str, Path], main: str) -> None:
-    """Lay folders out as the Hub cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    for commit, folder in revisions.items():
-        shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(main)
 
 
 def test_released_repository_loads_by_repo_id_and_revision_from_an_offline_hub_cache(model_dir, tmp_path, tiny_config, tokenizer):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,8 @@ from transformers import (
 )
 
 from retromae import RetroMAEConfig, RetroMAEForPreTraining, RetroMAEModel
+
+from conftest import place_in_hub_cache
 
 
 @pytest.fixture
@@ -91,19 +92,10 @@ def test_no_pickle_is_written(saved):
     assert not [name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
 
 
-def build_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Lay a saved folder out as the Hub cache does: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
-
-
 def test_loads_by_repo_id_from_an_offline_hub_cache(saved, tmp_path, batch):
     folder, model = saved
     cache = tmp_path / "hub"
-    build_hub_cache(cache, "org/retromae", folder)
+    place_in_hub_cache(cache, "org/retromae", {"0" * 40: folder}, main="0" * 40)
     ids = batch["decoder_input_ids"][:2]
     expected = model.bert(ids).sentence_embedding
     torch.save(ids, tmp_path / "ids.pt")

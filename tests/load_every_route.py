@@ -1,0 +1,72 @@
+"""Load a repository every way a Hub user does, in a process that never imports `retromae`.
+
+    python tests/load_every_route.py REPO_ID TEXTS_JSON OUTPUT_JSON
+
+Writes, for every route, the class it gave, the [CLS] embedding of the texts and the warnings
+transformers logged while loading. Standard input is closed by the caller, so a route that
+stops to ask whether to trust remote code fails instead of waiting.
+"""
+
+import json
+import logging
+import sys
+
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertModel
+from transformers.utils import logging as transformers_logging
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def cls_state(model, inputs):
+    output = model(**inputs, output_hidden_states=True)
+    return output.hidden_states[-1][:, 0]
+
+
+def main(repo_id: str, texts: list[str]) -> dict:
+    recorder = Recorder()
+    transformers_logging.add_handler(recorder)
+    transformers_logging.set_verbosity_warning()
+    tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    loaders = {
+        "SentenceTransformer": lambda: SentenceTransformer(repo_id),
+        "AutoModel": lambda: AutoModel.from_pretrained(repo_id),
+        "AutoModel(add_pooling_layer=False)": lambda: AutoModel.from_pretrained(repo_id, add_pooling_layer=False),
+        "BertModel": lambda: BertModel.from_pretrained(repo_id),
+        "BertForMaskedLM": lambda: BertForMaskedLM.from_pretrained(repo_id),
+        "AutoModel(trust_remote_code=True)": lambda: AutoModel.from_pretrained(repo_id, trust_remote_code=True),
+        "AutoModelForMaskedLM(trust_remote_code=True)": lambda: AutoModelForMaskedLM.from_pretrained(repo_id, trust_remote_code=True),
+    }
+    routes = {"AutoTokenizer": {"class": type(tokenizer).__name__, "warnings": recorder.messages[:]}}
+    for route, load in loaders.items():
+        recorder.messages.clear()
+        model = load().eval()
+        warnings = recorder.messages[:]
+        with torch.no_grad():
+            if route == "SentenceTransformer":
+                embedding = model.encode(texts, convert_to_tensor=True)
+            elif route == "AutoModel(trust_remote_code=True)":
+                embedding = model(**inputs).sentence_embedding
+            else:
+                embedding = cls_state(model, inputs)
+        classes = type(model[0].auto_model if route == "SentenceTransformer" else model)
+        routes[route] = {"class": classes.__name__, "embedding": embedding.tolist(), "warnings": warnings}
+    assert "retromae" not in sys.modules, "a Hub user's process has no retromae package"
+    return routes
+
+
+if __name__ == "__main__":
+    repo, texts_file, output_file = sys.argv[1:]
+    with open(texts_file) as file:
+        result = main(repo, json.load(file))
+    with open(output_file, "w") as file:
+        json.dump(result, file)
