@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
         description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
-        "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, loads with "
-        "SentenceTransformer and AutoModel (trust_remote_code=True) and keeps the remote code files.",
+        "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, is a BERT "
+        "checkpoint that SentenceTransformer and AutoModel load as they are, with RetroMAE's code as an opt-in "
+        "(trust_remote_code=True).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     finetune.add_arguments(finetuning)
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a BERT / authors' RetroMAE checkpoint into a release folder, or back (--to-bert)",
         description="Convert a BertForMaskedLM or BertModel checkpoint (a folder or Hub id, such as the authors' "
         "Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or Shitao/RetroMAE_BEIR) into a RetroMAE folder that `retromae "
-        "release` publishes: same weights, RetroMAE config and code, sentence-transformers files. With --to-bert, "
-        "write a RetroMAE model as a plain BertForMaskedLM folder instead. Either way the encoder's outputs are checked "
+        "release` publishes: same weights, a BERT config that points the encoder classes at RetroMAE's code, "
+        "sentence-transformers files. With --to-bert, write a BertForMaskedLM folder with no remote code at all. Either way the encoder's outputs are checked "
         "to be identical.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -103,7 +104,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
     release = pretrain.run(args)
     if release is not None:
         print(f"RetroMAE encoder saved to {release}")
-        print(f"Load it with AutoModel.from_pretrained({str(release)!r}, trust_remote_code=True)")
+        print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
+        print("(a BERT checkpoint; trust_remote_code=True gives RetroMAEModel and its sentence_embedding)")
 
 
 def run_finetune(args: argparse.Namespace) -> None:

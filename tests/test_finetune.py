@@ -56,7 +56,8 @@ def test_finetuning_lowers_the_loss_and_saves_a_model_both_routes_load(tmp_path,
     assert ".staging" not in os.listdir(tmp_path / "run")
     final = tmp_path / "run" / "model"
     assert {"configuration_retromae.py", "modeling_retromae.py", "modules.json", "model.safetensors"} <= set(os.listdir(final))
-    tuned = SentenceTransformer(str(final), trust_remote_code=True)
+    assert json.loads((final / "config.json").read_text())["model_type"] == "bert"  # a BERT first, like every release
+    tuned = SentenceTransformer(str(final))
     assert contrastive_loss(tuned) < before
     encoder = AutoModel.from_pretrained(final, trust_remote_code=True).eval()
     inputs = tokenizer([PAIRS[0][0]], return_tensors="pt")

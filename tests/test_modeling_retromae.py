@@ -1,11 +1,14 @@
 """The model against the spec: a hand-computed reference loss, training, attention backends."""
 
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, Trainer, TrainingArguments
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel
 
@@ -213,3 +216,22 @@ def test_collated_text_of_different_lengths_trains_in_bf16(tiny_config, tokenize
     output = model(**batch)
     assert torch.isfinite(output.loss)
     output.loss.backward()
+
+
+def test_trainer_counts_the_flops_and_tokens_of_a_pretraining_batch(tiny_config, batch, tmp_path, no_transformers_warnings):
+    model = RetroMAEForPreTraining(tiny_config)
+    assert model.main_input_name == "encoder_input_ids"
+    arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", include_num_input_tokens_seen="all")
+    trainer = Trainer(model=model, args=arguments)
+    tokens = batch["encoder_input_ids"].numel()
+    assert trainer.floating_point_ops(batch) == 6 * tokens * model.num_parameters(exclude_embeddings=True)
+    trainer._track_num_input_tokens(batch)
+    assert trainer.state.num_input_tokens_seen == tokens
+
+
+def test_encoder_forward_takes_transformers_typed_keyword_arguments(tiny_config, batch):
+    assert inspect.signature(RetroMAEModel.forward).parameters["kwargs"].annotation == Unpack[TransformersKwargs]
+    model = RetroMAEModel(tiny_config).eval()
+    model.set_attn_implementation("eager")
+    output = model(batch["decoder_input_ids"], output_attentions=True, output_hidden_states=True)
+    assert len(output.attentions) == len(output.hidden_states) - 1 == tiny_config.num_hidden_layers
