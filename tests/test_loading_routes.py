@@ -225,3 +225,10 @@ def test_every_python_block_of_the_card_runs_as_written(model_dir, tmp_path):
             timeout=300,
         )
         assert result.returncode == 0, (block, result.stderr[-2000:])
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_release_layout(model_dir, tmp_path, captured_hub):
+    RetroMAEForMaskedLM.from_pretrained(model_dir).save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/saved")
+    pushed = captured_hub.folder / "org" / "saved"
+    assert files_in(pushed) - {"README.md"} == files_in(tmp_path / "saved")
+    assert json.loads((pushed / "config.json").read_text())["model_type"] == "bert"
