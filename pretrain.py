@@ -7,7 +7,6 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil
