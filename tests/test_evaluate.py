@@ -48,6 +48,27 @@ def test_figures_match_a_hand_computed_perfect_and_reversed_ranking(tmp_path):
     assert figures["recall@100"] == pytest.approx(1.0)
 
 
+def test_graded_judgements_give_trec_evals_ndcg_computed_by_hand(tmp_path):
+    """Grades are gains (BEIR / MTEB's nDCG): with them counted as plainly relevant the figure would be 0.885."""
+    corpus = {f"doc{i}": f"d{i}" for i in range(5)}  # ranked doc0, doc1, ..., doc4 for the query
+    grades = [("graded", "doc0", 1), ("graded", "doc1", 0), ("graded", "doc2", 2), ("graded", "doc4", 3)]
+    task = load_beir(write_beir(tmp_path / "beir", corpus, {"graded": "q"}, grades))
+    assert task.relevant == {"graded": {"doc0": 1, "doc2": 2, "doc4": 3}}
+    figures = evaluate(angle_model(5), task)
+    gains_in_rank_order = 1 / math.log2(2) + 2 / math.log2(4) + 3 / math.log2(6)
+    ideal = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert figures["ndcg@10"] == pytest.approx(gains_in_rank_order / ideal)  # 0.6637
+    assert figures["mrr@10"] == pytest.approx(1.0)
+    assert figures["recall@100"] == pytest.approx(1.0)
+
+
+def test_a_relevant_document_below_rank_ten_counts_for_recall_but_not_mrr(tmp_path):
+    corpus = {f"doc{i}": f"d{i}" for i in range(12)}
+    task = load_beir(write_beir(tmp_path / "beir", corpus, {"deep": "q"}, [("deep", "doc11", 2)]))
+    figures = evaluate(angle_model(12), task)
+    assert figures == pytest.approx({"ndcg@10": 0.0, "mrr@10": 0.0, "recall@100": 1.0})
+
+
 def test_cli_scores_a_retromae_folder_and_writes_json(tmp_path, tiny_config, tokenizer, capsys):
     model_folder = tmp_path / "retromae"
     RetroMAEForMaskedLM(tiny_config).save_pretrained(model_folder)
