@@ -318,12 +318,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         sentence_embedding = encoder_output.sentence_embedding  # (batch, hidden)
         encoder_loss = self.masked_lm_loss(encoder_output.last_hidden_state, encoder_labels)
 
-        content_stream = self.content_stream(sentence_embedding, decoder_input_ids)
-        if self.config.enhanced_decoding:
-            query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
-        else:
-            query_stream = content_stream  # the ablation: self-attention over the masked copy
-        decoded = self.decoder(query_stream, content_stream, self.attention_bias(decoder_attention_mask))
+        decoded = self.decode(sentence_embedding, decoder_input_ids, decoder_attention_mask)
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
 
         return RetroMAEForPreTrainingOutput(
@@ -334,6 +329,17 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
             encoder_logits=self.cls(encoder_output.last_hidden_state) if return_logits else None,
             decoder_logits=self.cls(decoded) if return_logits else None,
         )
+
+    def decode(
+        self, sentence_embedding: torch.Tensor, decoder_input_ids: torch.LongTensor, decoder_attention_mask: torch.BoolTensor
+    ) -> torch.Tensor:
+        """The decoder's final states: the sentence rebuilt from `h_X` and the decoder's inputs (Eq. 6-8)."""
+        content_stream = self.content_stream(sentence_embedding, decoder_input_ids)
+        if self.config.enhanced_decoding:
+            query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
+        else:
+            query_stream = content_stream  # the ablation: self-attention over the masked copy
+        return self.decoder(query_stream, content_stream, self.attention_bias(decoder_attention_mask))
 
     def query_stream(self, sentence_embedding: torch.Tensor, seq_length: int) -> torch.Tensor:
         """`H1`: the sentence embedding plus the raw position embedding at every position (Eq. 6)."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "all-MiniLM-L6-v2 weights of the demo extra.",
     )
     source.add_argument("--config", choices=sorted(SIZES), help="Start from a fresh model of this size instead of --model.")
-    source.add_argument("--tokenizer", help="Tokenizer for --config (folder or Hub id). Default: bert-base-uncased's, from the demo extra.")
+    source.add_argument(
+        "--tokenizer",
+        help="Tokenizer (folder or Hub id): a saved one, or a WordPiece vocabulary trained with the tokenizers library "
+        "(a folder holding vocab.txt or tokenizer.json). Default: --model's; with --config, bert-base-uncased's from the demo extra.",
+    )
     source.add_argument(
         "--train-data",
         help="Corpus: a .txt file (one passage per line), a .jsonl file with a 'text' field, or a folder of "
@@ -231,20 +235,42 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
     )
     torch.manual_seed(args.seed)  # the fresh parts (all of --config, the decoder from a checkpoint) are drawn from it
     if args.config:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
+        tokenizer = load_tokenizer(args.tokenizer or demo_model_path())
         config = RetroMAEConfig(vocab_size=len(tokenizer), **SIZES[args.config], **ratios)
         model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
     else:
         try:
             model = load_base_model(args.model, args.attn_implementation, ratios)
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         except (OSError, ValueError) as error:
             raise UsageError(f"--model {args.model}: not a BERT or RetroMAE checkpoint ({error}).") from None
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {model.config.vocab_size}.")
     if args.max_length > model.config.max_position_embeddings:
         raise UsageError(
             f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings} positions."
         )
     return model, tokenizer
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """
+    A saved tokenizer, or the bare output of the `tokenizers` library: a folder holding only
+    `vocab.txt` (`BertWordPieceTokenizer.save_model`) or `tokenizer.json` (`Tokenizer.save`) is
+    read as a BERT WordPiece tokenizer with BERT's special tokens.
+    """
+    folder = Path(name)
+    bare = folder.is_dir() and not (folder / "tokenizer_config.json").is_file()
+    if bare and not any((folder / file).is_file() for file in ("vocab.txt", "tokenizer.json")):
+        raise UsageError(f"--tokenizer {name}: the folder holds no tokenizer_config.json, vocab.txt or tokenizer.json.")
+    try:
+        tokenizer = (BertTokenizer if bare else AutoTokenizer).from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tokenizer {name}: not a tokenizer ({error}).") from None
+    missing = [kind for kind in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, f"{kind}_id") is None]
+    if missing:
+        raise UsageError(f"--tokenizer {name} has no {', '.join(missing)}: RetroMAE needs BERT's [CLS], [SEP], [MASK] and [PAD].")
+    return tokenizer
 
 
 def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroMAEForPreTraining:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, BertModel, TrainerCallback
+from tokenizers import BertWordPieceTokenizer
+from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast, TrainerCallback
 from transformers.utils import logging as transformers_logging
 
 from retromae import pretrain
@@ -68,6 +69,49 @@ def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, to
     summary = json.loads((release / "retromae_pretraining.json").read_text())
     assert summary["steps"] == 4 and summary["encoder_mask_ratio"] == 0.30 and summary["enhanced_decoding"] is True
     assert summary["corpus"] == corpus.name and summary["passages"] == len(CORPUS) and summary["processes"] == 1
+
+
+def train_wordpiece(folder, save):
+    """A 120-entry WordPiece vocabulary trained on the corpus, saved the way the `tokenizers` library saves it."""
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(CORPUS, vocab_size=120, min_frequency=1)
+    folder.mkdir()
+    if save == "vocab.txt":
+        wordpiece.save_model(str(folder))
+    else:
+        wordpiece.save(str(folder / "tokenizer.json"))
+    return wordpiece
+
+
+@pytest.mark.parametrize("save", ["vocab.txt", "tokenizer.json"])
+def test_pretrain_takes_a_vocabulary_trained_with_the_tokenizers_library(corpus, tmp_path, save):
+    wordpiece = train_wordpiece(tmp_path / "wordpiece", save)
+    assert main(tiny_run(corpus, tmp_path / "run", "--tokenizer", str(tmp_path / "wordpiece"))) == 0
+    release = tmp_path / "run" / "model"
+    assert json.loads((release / "config.json").read_text())["vocab_size"] == wordpiece.get_vocab_size()
+    tokenizer = AutoTokenizer.from_pretrained(release)
+    assert tokenizer.tokenize("Dense retrieval") == wordpiece.encode("Dense retrieval", add_special_tokens=False).tokens
+    assert tokenizer.mask_token == "[MASK]" and tokenizer.cls_token_id == wordpiece.token_to_id("[CLS]")
+    embedding = SentenceTransformer(str(release)).encode(["Dense retrieval"])
+    assert embedding.shape == (1, 128)
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda folder: None, "holds no tokenizer_config.json, vocab.txt or tokenizer.json"),
+        (
+            lambda folder: PreTrainedTokenizerFast(tokenizer_object=train_wordpiece(folder / "raw", "vocab.txt")._tokenizer).save_pretrained(folder),
+            "has no cls_token, sep_token, mask_token, pad_token",
+        ),
+    ],
+)
+def test_a_folder_that_is_not_a_bert_tokenizer_is_refused(corpus, tmp_path, capsys, write, message):
+    (tmp_path / "tokenizer").mkdir()
+    write(tmp_path / "tokenizer")
+    assert main(tiny_run(corpus, tmp_path / "run", "--tokenizer", str(tmp_path / "tokenizer"))) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capfd, no_transformers_warnings):
