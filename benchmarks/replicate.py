@@ -93,11 +93,18 @@ def split_articles(articles: list[Article], evaluation_share: float, seed: int) 
 
 
 def train_vocabulary(articles: list[Article], size: int, folder: Path):
-    """A lower-cased WordPiece vocabulary of the pre-training articles, saved as `tokenizers` saves it and loaded as `retromae pretrain --tokenizer` loads it."""
+    """
+    A lower-cased WordPiece vocabulary of the pre-training articles, as `retromae pretrain
+    --tokenizer` takes it (a folder holding vocab.txt). The trainer numbers the entries in an
+    order that varies from run to run; they are renumbered (special tokens first, then sorted)
+    so that the same text always gives the same ids, and so the same initial weights.
+    """
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator((p for article in articles for p in article.paragraphs), vocab_size=size, min_frequency=2, show_progress=False)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    entries = special + sorted(set(wordpiece.get_vocab()) - set(special))
     folder.mkdir(parents=True, exist_ok=True)
-    wordpiece.save_model(str(folder))
+    (folder / "vocab.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
     return load_tokenizer(str(folder))
 
 
