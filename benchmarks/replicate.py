@@ -298,8 +298,11 @@ def save_encoder(folder: Path, config: RetroMAEConfig, weights: dict, tokenizer,
     return folder
 
 
-def fine_tune(folder: Path, pairs: Path, output_dir: Path, args, seed: int) -> Path:
-    """`retromae finetune` of one encoder: identical pairs, steps, learning rate and seed for every variant."""
+def fine_tune(folder: Path, pairs: Path, output_dir: Path, args, seed: int) -> tuple[Path, dict]:
+    """
+    `retromae finetune` of one encoder (identical pairs, steps, learning rate and seed for every
+    variant); returns the fine-tuned model and its contrastive loss (first, last and mean of those logged).
+    """
     arguments = argparse.ArgumentParser()
     finetune.add_arguments(arguments)
     options = arguments.parse_args([
@@ -310,10 +313,13 @@ def fine_tune(folder: Path, pairs: Path, output_dir: Path, args, seed: int) -> P
         "--max-steps", str(args.fine_tune_steps),
         "--learning-rate", str(args.fine_tune_learning_rate),
         "--seed", str(seed),
-        "--save-steps", str(args.fine_tune_steps + 1),
-        "--logging-steps", str(max(1, args.fine_tune_steps // 4)),
+        "--save-steps", str(args.fine_tune_steps),
+        "--logging-steps", str(max(1, args.fine_tune_steps // 10)),
     ])  # fmt: skip
-    return finetune.run(options)
+    model = finetune.run(options)
+    state = json.loads((output_dir / f"checkpoint-{args.fine_tune_steps}" / "trainer_state.json").read_text())
+    logged = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    return model, {"first_logged": logged[0], "last_logged": logged[-1], "mean_logged": statistics.fmean(logged)}
 
 
 def measure(name: str, seed: int, config, weights, tokenizer, task, pairs, workspace: Path, args, record: dict) -> dict:
@@ -323,10 +329,10 @@ def measure(name: str, seed: int, config, weights, tokenizer, task, pairs, works
     folder = (Path(args.output_dir) / "encoders" if kept else workspace) / folder_name
     save_encoder(folder, config, weights, tokenizer, record | {"variant": name, "seed": seed})
     zero_shot = evaluate(load_sentence_transformer(str(folder)), task, batch_size=128)
-    fine_tuned_folder = fine_tune(folder, pairs, workspace / f"{folder_name}-{seed}-fine-tuned", args, seed)
+    fine_tuned_folder, fine_tune_loss = fine_tune(folder, pairs, workspace / f"{folder_name}-{seed}-fine-tuned", args, seed)
     fine_tuned = evaluate(load_sentence_transformer(str(fine_tuned_folder)), task, batch_size=128)
     print(f"{name} (seed {seed}): zero-shot nDCG@10 {zero_shot['ndcg@10']:.4f}, fine-tuned nDCG@10 {fine_tuned['ndcg@10']:.4f}")
-    return {"zero_shot": zero_shot, "fine_tuned": fine_tuned}
+    return {"zero_shot": zero_shot, "fine_tuned": fine_tuned, "fine_tune_loss": fine_tune_loss}
 
 
 def summarise(per_seed: dict[int, dict]) -> dict:
@@ -399,14 +405,15 @@ def print_table(report: dict) -> None:
     settings = report["settings"]
     print(f"\n{report['model']}, {settings['steps']} steps x {settings['batch_size']} passages, learning rate {report['learning_rate']:g}, seeds {settings['seeds']}")
     print(f"unigram entropy of the pre-training tokens: {report['corpus']['unigram_entropy']:.3f} nats")
-    print(f"{'variant':<31} {'seeds':>5} {'zero-shot nDCG@10':>20} {'fine-tuned nDCG@10':>20} {'MLM loss':>9} {'embedding gap':>14}")
+    print(f"{'variant':<31} {'seeds':>5} {'zero-shot nDCG@10':>20} {'fine-tuned nDCG@10':>20} {'MLM loss':>9} {'embedding gap':>14} {'last fine-tune loss':>20}")
     for name, result in report["results"].items():
         summary = result["summary"]
         cells = [f"{summary[part]['ndcg@10']['mean']:.4f} ± {summary[part]['ndcg@10']['std']:.4f}" for part in ("zero_shot", "fine_tuned")]
         probe_figures = summary.get("probe", {})
         mlm = f"{probe_figures['encoder_loss']['mean']:.3f}" if "encoder_loss" in probe_figures else "-"
         gap = f"{probe_figures['embedding_gap']['mean']:.3f}" if "embedding_gap" in probe_figures else "-"
-        print(f"{name:<31} {summary['zero_shot']['ndcg@10']['seeds']:>5} {cells[0]:>20} {cells[1]:>20} {mlm:>9} {gap:>14}")
+        last = summary["fine_tune_loss"]["last_logged"]
+        print(f"{name:<31} {summary['zero_shot']['ndcg@10']['seeds']:>5} {cells[0]:>20} {cells[1]:>20} {mlm:>9} {gap:>14} {last['mean']:>11.3f} ± {last['std']:.3f}")
     print(f"wall time {report['wall_seconds'] / 60:.1f} min; {report['machine']}")
 
 
