@@ -366,7 +366,8 @@ def plot(report: dict, output_dir: Path) -> None:
             positions = [i + (offset - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
             bars = axis.bar(positions, [s["mean"] for s in summaries], width, yerr=[s["std"] for s in summaries], capsize=2, label=metric)
             axis.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
-        labels = [f"{name}\n({report['results'][name]['summary'][part][METRICS[0]]['seeds']} seeds)" for name in names]
+        seeds = [report["results"][name]["summary"][part][METRICS[0]]["seeds"] for name in names]
+        labels = [f"{name}\n({count} seed{'s' if count > 1 else ''})" for name, count in zip(names, seeds)]
         axis.set_xticks(range(len(names)), [label.replace("retromae-", "retromae-\n") for label in labels], fontsize=7)
         axis.set_title(f"{title}: {report['task']['queries']} queries, {report['task']['documents']} passages", fontsize=9)
     axes[0].set_ylabel("inverse-cloze retrieval, held-apart articles")
@@ -391,6 +392,8 @@ def plot(report: dict, output_dir: Path) -> None:
         rates = sorted(sweep["held_apart_mlm_loss"], key=float)
         sweep_axis.plot([float(rate) for rate in rates], [sweep["held_apart_mlm_loss"][rate] for rate in rates], marker="o")
         sweep_axis.set_xscale("log")
+        sweep_axis.set_xticks([float(rate) for rate in rates], rates)
+        sweep_axis.minorticks_off()
         sweep_axis.set_title(f"{BASELINE} learning-rate sweep ({sweep['steps']} steps): held-apart MLM loss", fontsize=9)
         sweep_axis.set_xlabel("peak learning rate")
     figure.tight_layout()
