@@ -28,7 +28,7 @@ Each encoder is then measured on articles held apart from pre-training:
 MLM 0.30 and RetroMAE run with every seed of --seeds (mean and spread reported), the initial
 weights and the other variants with the first. The corpus is the Wikipedia excerpt of the demo extra (105 articles).
 
-    python benchmarks/replicate.py            # the experiment (about 70 minutes on 2 cores)
+    python benchmarks/replicate.py            # the experiment (55 minutes on 2 cores, measured)
     python benchmarks/replicate.py --quick    # a few steps of each part (CI smoke)
 
 Writes to OUTPUT_DIR: replicate.json (every figure, the sweep and the loss curves),
