@@ -93,7 +93,7 @@ def load_model(model_name_or_path: str) -> SentenceTransformer:
 def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:
     """nDCG@10 (graded), MRR@10 and Recall@100 of `model` on `task`, ranking by the model's own similarity."""
     run = rank(model, task, batch_size)
-    top_ten = {query: dict(sorted(scores.items(), key=lambda item: -item[1])[:10]) for query, scores in run.items()}
+    top_ten = {query: dict(list(ranked.items())[:10]) for query, ranked in run.items()}
     trec_eval = pytrec_eval.RelevanceEvaluator(task.relevant, {"ndcg_cut.10", "recall.100"})
     per_query = trec_eval.evaluate(run)
     reciprocal_ranks = pytrec_eval.RelevanceEvaluator(task.relevant, {"recip_rank"}).evaluate(top_ten)
@@ -105,7 +105,7 @@ def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 
 
 
 def rank(model: SentenceTransformer, task: RetrievalTask, batch_size: int) -> dict[str, dict[str, float]]:
-    """The `RANKED` most similar documents of every query, with their similarity: a trec_eval run."""
+    """The `RANKED` most similar documents of every query, best first, with their similarity: a trec_eval run."""
     document_ids, query_ids = list(task.corpus), list(task.queries)
     encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True)
     documents = model.encode_document([task.corpus[d] for d in document_ids], **encode)

@@ -132,6 +132,18 @@ def unigram_entropy(passages: list[str], tokenizer, max_length: int) -> float:
     return -sum(count / total * math.log(count / total) for count in counts.values())
 
 
+def cloze_splits(passage: str) -> list[tuple[str, str]]:
+    """(sentence, the passage without it) for every sentence of 5+ words of a passage of 2+ sentences."""
+    sentences = SENTENCE_END.split(passage)
+    if len(sentences) < 2:
+        return []
+    return [
+        (sentence, " ".join(sentences[:i] + sentences[i + 1 :]))
+        for i, sentence in enumerate(sentences)
+        if len(sentence.split()) >= MIN_QUERY_WORDS
+    ]
+
+
 def inverse_cloze_task(articles: list[Article], max_queries: int, seed: int) -> RetrievalTask:
     """
     Every held-apart passage is a document. From each passage of 2+ sentences, one sentence of
@@ -142,13 +154,10 @@ def inverse_cloze_task(articles: list[Article], max_queries: int, seed: int) -> 
     for article_index, article in enumerate(articles):
         for passage_index, passage in enumerate(article.paragraphs):
             document = f"{article_index}-{passage_index}"
-            sentences = SENTENCE_END.split(passage)
-            candidates = [i for i, sentence in enumerate(sentences) if len(sentence.split()) >= MIN_QUERY_WORDS]
-            if len(sentences) >= 2 and candidates:
-                chosen = generator.choice(candidates)
-                queries[f"q{document}"] = sentences[chosen]
+            splits = cloze_splits(passage)
+            if splits:
+                queries[f"q{document}"], passage = generator.choice(splits)
                 relevant[f"q{document}"] = {document: 1}
-                passage = " ".join(sentences[:chosen] + sentences[chosen + 1 :])
             corpus[document] = passage
     kept = sorted(random.Random(seed).sample(sorted(queries), min(max_queries, len(queries))))
     return RetrievalTask(corpus=corpus, queries={q: queries[q] for q in kept}, relevant={q: relevant[q] for q in kept})
@@ -159,13 +168,7 @@ def write_fine_tuning_pairs(articles: list[Article], path: Path) -> int:
     Inverse-cloze pairs of the pre-training articles as `retromae finetune` reads them: every
     sentence of 5+ words of a passage of 2+ sentences, with the rest of its passage. Returns their number.
     """
-    pairs = []
-    for article in articles:
-        for passage in article.paragraphs:
-            sentences = SENTENCE_END.split(passage)
-            for i, sentence in enumerate(sentences if len(sentences) >= 2 else []):
-                if len(sentence.split()) >= MIN_QUERY_WORDS:
-                    pairs.append({"query": sentence, "positive": " ".join(sentences[:i] + sentences[i + 1 :])})
+    pairs = [{"query": query, "positive": rest} for article in articles for passage in article.paragraphs for query, rest in cloze_splits(passage)]
     path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return len(pairs)
 
