@@ -1,72 +1,181 @@
-"""RetroMAE: retrieval-oriented pre-training of a BERT encoder by a masked auto-encoder.
+"""RetroMAE: retrieval-oriented pre-training of a masked-LM encoder by a masked auto-encoder.
 
 Xiao, Liu, Shao, Cao, "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked
 Auto-Encoder", EMNLP 2022 (arXiv 2205.12035).
 
 One pre-training step, in the order of the paper and of this file:
 
-1. The encoder, a full BERT, reads the input masked at a moderate ratio and is trained by
-   masked language modelling (`encoder_loss`).
-2. Its final [CLS] state is the sentence embedding `h_X`.
+1. The encoder, the family's own masked-LM model (BERT in the paper), reads the input masked at
+   a moderate ratio and is trained by masked language modelling (`encoder_loss`).
+2. Its final state at the first token ([CLS] or <s>) is the sentence embedding `h_X`.
 3. The decoder builds two streams from the original, unmasked tokens: the content stream
-   `H2` (token embeddings, position 0 replaced by `h_X`) and the query stream `H1`
-   (`h_X + p_i` at every position i).
+   `H2` (the encoder's embeddings of the tokens, position 0 replaced by `h_X`) and the query
+   stream `H1` (`h_X + p_i` at every position i, with the family's own position numbering).
 4. Enhanced decoding: one transformer layer in which the query stream attends to the content
    stream under a position-specific mask; row i sees position 0 and a random, aggressive
    subset of the other tokens, never token i itself.
-5. The shared MLM head rebuilds every original token from the decoder's output
-   (`decoder_loss`). The loss is `encoder_loss + decoder_loss`.
+5. The family's MLM head, shared with the encoder, rebuilds every original token from the
+   decoder's output (`decoder_loss`). The loss is `encoder_loss + decoder_loss`.
 
-After pre-training the decoder is discarded: the encoder is a plain BERT whose [CLS] state
-is used for retrieval, and `save_pretrained` of the encoder classes writes it as a BERT
-checkpoint first (config.json of type `bert`, sentence-transformers files for [CLS] pooling),
-with this code as an opt-in. This file is Hub remote code: it imports only torch,
+What differs between encoder families (where the MLM head is, how positions are numbered) lives
+in one table, `ENCODER_FAMILIES`. Families without an absolute position table (ModernBERT:
+rotary; DeBERTa-v3: relative) have no `p_i` to add; for them the decoder rotates its queries
+(`h_X` at every position, rotated by i) and keys (rotated by j) with rotary position
+embeddings: this package's extension of the paper.
+
+After pre-training the decoder is discarded: the encoder is a plain checkpoint of its family
+whose first-token state is used for retrieval, and `save_pretrained` of the encoder classes
+writes it as such (the family's config.json, sentence-transformers files for first-token
+pooling), with this code as an opt-in. This file is Hub remote code: it imports only torch,
 transformers and the configuration next to it.
 """
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertForMaskedLM, BertModel
+from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.bert.modeling_bert import (
     BertAttention,
+    BertCrossAttention,
     BertIntermediate,
-    BertOnlyMLMHead,
     BertOutput,
-    BertPreTrainedModel,
+    eager_attention_forward,
 )
 from transformers.utils import TransformersKwargs
-from transformers.utils.generic import can_return_tuple
 
-from .configuration_retromae import RetroMAEConfig, release_config_dict
+from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_config_dict
 
 
 IGNORE_INDEX = -100
-# sentence-transformers' files for [CLS] pooling, in the format every version of it reads (and
-# text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
+# sentence-transformers' files for first-token pooling, in the format every version of it reads
+# (and text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
 SENTENCE_TRANSFORMERS_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
 ]
+# The decoder layer is BERT's, as wide as the encoder: these BertConfig fields are read from the encoder's config.
+DECODER_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+)
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """
+    Where a masked-LM family keeps what RetroMAE reads; one row of `ENCODER_FAMILIES`.
+
+    Args:
+        mlm_head: the family's MLM head applied to hidden states, `(masked_lm_model, states) -> logits`.
+        position_offset: the row of the position table that holds position 0, from the config
+            (RoBERTa numbers positions from `padding_idx + 1`); `None` where the family has no
+            absolute position table, and the decoder uses rotary positions instead.
+        rotary_base: the rotary base for those families (the backbone's own where it has one).
+        config_names: the family's names for `DECODER_FIELDS` that it spells differently.
+        embeddings_projection: the base model's layer that maps factorised embeddings to the
+            hidden width (ELECTRA), applied to both decoder streams' embeddings where present.
+    """
+
+    mlm_head: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
+    position_offset: Callable[[PreTrainedConfig], int] | None
+    rotary_base: Callable[[PreTrainedConfig], float] = lambda config: 10_000.0
+    config_names: dict[str, str] = field(default_factory=dict)
+    embeddings_projection: str | None = None
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_offset is None
+
+
+def roberta_positions(config: PreTrainedConfig) -> int:
+    return config.pad_token_id + 1
+
+
+def deberta_head(mlm: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:
+    if mlm.legacy:
+        return mlm.cls(states)
+    return mlm.lm_predictions(states, mlm.deberta.embeddings.word_embeddings)
+
+
+ENCODER_FAMILIES = {
+    "bert": EncoderFamily(mlm_head=lambda mlm, states: mlm.cls(states), position_offset=lambda config: 0),
+    "roberta": EncoderFamily(mlm_head=lambda mlm, states: mlm.lm_head(states), position_offset=roberta_positions),
+    "xlm-roberta": EncoderFamily(mlm_head=lambda mlm, states: mlm.lm_head(states), position_offset=roberta_positions),
+    "modernbert": EncoderFamily(
+        mlm_head=lambda mlm, states: mlm.decoder(mlm.head(states)),
+        position_offset=None,
+        rotary_base=lambda config: config.rope_parameters["full_attention"]["rope_theta"],
+        config_names={
+            "hidden_act": "hidden_activation",
+            "layer_norm_eps": "norm_eps",
+            "hidden_dropout_prob": "mlp_dropout",
+            "attention_probs_dropout_prob": "attention_dropout",
+        },
+    ),
+    "deberta-v2": EncoderFamily(mlm_head=deberta_head, position_offset=None),
+    "distilbert": EncoderFamily(
+        mlm_head=lambda mlm, states: mlm.vocab_projector(mlm.vocab_layer_norm(mlm.activation(mlm.vocab_transform(states)))),
+        position_offset=lambda config: 0,
+        config_names={
+            "intermediate_size": "hidden_dim",
+            "hidden_act": "activation",
+            "hidden_dropout_prob": "dropout",
+            "attention_probs_dropout_prob": "attention_dropout",
+        },
+    ),
+    "electra": EncoderFamily(
+        mlm_head=lambda mlm, states: mlm.generator_lm_head(mlm.generator_predictions(states)),
+        position_offset=lambda config: 0,
+        embeddings_projection="embeddings_project",
+    ),
+}
+
+
+def encoder_family(model_type: str) -> EncoderFamily:
+    """The row of `ENCODER_FAMILIES` for `model_type`; `ValueError` naming the supported families otherwise."""
+    if model_type not in ENCODER_FAMILIES:
+        raise ValueError(
+            f"RetroMAE pre-trains masked-LM encoders of the families {', '.join(ENCODER_FAMILIES)}; "
+            f"a {model_type!r} model is not one of them."
+        )
+    return ENCODER_FAMILIES[model_type]
+
+
+def max_tokens(config: PreTrainedConfig) -> int:
+    """The longest input, special tokens included, that the encoder's positions allow."""
+    family = encoder_family(config.model_type)
+    return config.max_position_embeddings - (0 if family.rotary else family.position_offset(config))
 
 
 @dataclass
 class RetroMAEModelOutput(ModelOutput):
     """
-    Output of [`RetroMAEModel`].
+    Output of the RetroMAE encoder classes (`RetroMAEModel` and its kind for every family).
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`):
             The encoder's final hidden states.
         sentence_embedding (`torch.FloatTensor` of shape `(batch, hidden)`):
-            The final hidden state at [CLS], the vector used for retrieval (no pooler layer).
+            The final hidden state at the first token, the vector used for retrieval (no pooler layer).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Hidden states after the embeddings and after every layer, when asked for.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -92,7 +201,7 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
         decoder_loss (`torch.FloatTensor` of shape `()`):
             Reconstruction loss of the enhanced decoder over every non-special token.
         sentence_embedding (`torch.FloatTensor` of shape `(batch, hidden)`):
-            The encoder's final [CLS] state.
+            The encoder's final first-token state.
         encoder_logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`, *optional*):
             MLM head scores on the encoder output, only with `return_logits=True`.
         decoder_logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`, *optional*):
@@ -107,25 +216,11 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
     decoder_logits: torch.FloatTensor | None = None
 
 
-class RetroMAEPreTrainedModel(BertPreTrainedModel):
-    """
-    BERT's weight initialisation and loading rules with the RetroMAE configuration.
-
-    Flash and flex attention are turned off: the enhanced decoder needs an arbitrary dense
-    (batch, seq, seq) mask, which eager and SDPA attention take and those kernels do not.
-    """
-
-    config_class = RetroMAEConfig
-    config: RetroMAEConfig
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-
-
-def write_sentence_transformers_files(folder: str | os.PathLike, config) -> None:
-    """Configure a saved encoder folder for sentence-transformers: [CLS] pooling, no pooler layer, cosine similarity."""
+def write_sentence_transformers_files(folder: str | os.PathLike, config: PreTrainedConfig) -> None:
+    """Configure a saved encoder folder for sentence-transformers: first-token pooling, no pooler layer, cosine similarity."""
     files = {
         "modules.json": SENTENCE_TRANSFORMERS_MODULES,
-        "sentence_bert_config.json": {"max_seq_length": min(config.max_position_embeddings, 512), "do_lower_case": False},
+        "sentence_bert_config.json": {"max_seq_length": max_tokens(config), "do_lower_case": False},
         "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
         "1_Pooling/config.json": {
             "word_embedding_dimension": config.hidden_size,
@@ -145,65 +240,37 @@ def write_sentence_transformers_files(folder: str | os.PathLike, config) -> None
 
 class RetroMAEReleasedEncoder:
     """
-    Saving writes what users are handed: a BERT checkpoint first, RetroMAE's code as an opt-in.
+    Saving writes what users are handed: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in.
 
-    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, a config.json of
-    type `bert` whose `auto_map` points the encoder classes at this code, and the
-    sentence-transformers files, so that `SentenceTransformer(folder)` embeds with [CLS] as
-    RetroMAE does, and BERT tools with no remote code take the folder as it is.
+    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, the family's
+    config.json (its `model_type`, its own architecture) whose `auto_map` points the encoder
+    classes at this code, and the sentence-transformers files, so that `SentenceTransformer(folder)`
+    embeds with the first token as RetroMAE does, and the family's tools take the folder as it is.
     """
 
-    bert_architecture: str
+    family_architecture: str
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return
+        auto_map = release_auto_map(self.config.model_type)
         with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
-            json.dump(release_config_dict(self.config, self.bert_architecture), file, indent=2, sort_keys=True)
+            json.dump(release_config_dict(self.config, self.family_architecture, auto_map), file, indent=2, sort_keys=True)
             file.write("\n")
         write_sentence_transformers_files(save_directory, self.config)
         if push_to_hub:
             self.push_to_hub(upload.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **upload)
 
 
-class RetroMAEModel(RetroMAEReleasedEncoder, RetroMAEPreTrainedModel, BertModel):
-    """
-    The RetroMAE encoder: BERT without the pooler, returning the sentence embedding.
+class RetroMAESentenceEmbedding:
+    """The family's base model, returning the sentence embedding: the final first-token state (paper §3.2)."""
 
-    Parameter names are BERT's, so a BERT checkpoint loads into it and a saved `RetroMAEModel`
-    loads as `BertModel`. This is the class `AutoModel` resolves to. Pre-training checkpoints also
-    hold the decoder and the MLM head, releases the MLM head, BERT checkpoints a pooler: none is
-    used to embed, so loading skips them quietly.
-    """
-
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^cls\.", r"^pooler\."]
-    bert_architecture = "BertModel"
-
-    def __init__(self, config: RetroMAEConfig):
-        super().__init__(config, add_pooling_layer=False)
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> RetroMAEModelOutput:
-        """Encode a batch; `sentence_embedding` is the final [CLS] state (paper §3.2)."""
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+    def forward(self, *args, **kwargs: Unpack[TransformersKwargs]) -> RetroMAEModelOutput:
+        outputs = super().forward(*args, **(kwargs | {"return_dict": True}))
+        if kwargs.get("return_dict") is False:
+            return (outputs.last_hidden_state, outputs.last_hidden_state[:, 0])
         return RetroMAEModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             sentence_embedding=outputs.last_hidden_state[:, 0],
@@ -212,18 +279,100 @@ class RetroMAEModel(RetroMAEReleasedEncoder, RetroMAEPreTrainedModel, BertModel)
         )
 
 
-class RetroMAEForMaskedLM(RetroMAEReleasedEncoder, RetroMAEPreTrainedModel, BertForMaskedLM):
+def released_encoder_classes(model_type: str, model_name: str, masked_lm_name: str) -> tuple[type, type]:
     """
-    The RetroMAE encoder with its MLM head: the layout of a released RetroMAE checkpoint.
+    The two encoder classes of one family that `trust_remote_code=True` resolves to.
 
-    Identical to `BertForMaskedLM` (the authors release their encoders in that layout); it is
-    what `AutoModelForMaskedLM` resolves to, and what pre-training leaves once the decoder is
-    dropped. A pre-training checkpoint's decoder and a BERT checkpoint's pooler are skipped
-    quietly on load.
+    `model_name` is the family's base model without a pooler, returning `sentence_embedding`
+    (what `AutoModel` gives); `masked_lm_name` is the family's own `...ForMaskedLM` (what
+    `AutoModelForMaskedLM` gives, the layout of a release). Parameter names are the family's,
+    so its checkpoints load into them and they save as its checkpoints. Pre-training checkpoints
+    also hold the decoder, releases an MLM head, BERT checkpoints a pooler: loading skips those
+    quietly.
+    """
+    config_class = CONFIG_MAPPING[model_type]
+    base_class, masked_lm_class = MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
+    prefix = base_class.base_model_prefix
+
+    def without_pooler(self, config, **kwargs):
+        if "add_pooling_layer" in base_class.__init__.__code__.co_varnames:
+            kwargs["add_pooling_layer"] = False
+        base_class.__init__(self, config, **kwargs)
+
+    model = type(model_name, (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
+        "__init__": without_pooler,
+        "__doc__": f"The RetroMAE encoder of a {base_class.__name__}: no pooler, returns the sentence embedding.",
+        "__module__": __name__,
+        "family_architecture": base_class.__name__,
+        "_keys_to_ignore_on_load_unexpected": [rf"^(?!{prefix}\.)", r"pooler\."],
+    })
+    masked_lm = type(masked_lm_name, (RetroMAEReleasedEncoder, masked_lm_class), {
+        "__doc__": f"The RetroMAE encoder with its MLM head: a {masked_lm_class.__name__}, the layout of a release.",
+        "__module__": __name__,
+        "family_architecture": masked_lm_class.__name__,
+        "_keys_to_ignore_on_load_unexpected": [r"^decoder\.layers\.", r"pooler\."],
+    })
+    model.register_for_auto_class("AutoModel")
+    masked_lm.register_for_auto_class("AutoModelForMaskedLM")
+    return model, masked_lm
+
+
+# The paper's BERT keeps its names; every other family's classes are named after its own.
+RELEASED_ENCODERS = {"bert": released_encoder_classes("bert", "RetroMAEModel", "RetroMAEForMaskedLM")}
+for _model_type in ENCODER_FAMILIES:
+    if _model_type != "bert":
+        _config_class = CONFIG_MAPPING[_model_type]
+        RELEASED_ENCODERS[_model_type] = released_encoder_classes(
+            _model_type,
+            f"RetroMAE{MODEL_MAPPING[_config_class].__name__}",
+            f"RetroMAE{MODEL_FOR_MASKED_LM_MAPPING[_config_class].__name__}",
+        )
+globals().update({cls.__name__: cls for pair in RELEASED_ENCODERS.values() for cls in pair})
+RetroMAEModel, RetroMAEForMaskedLM = RELEASED_ENCODERS["bert"]
+
+
+def release_auto_map(model_type: str) -> dict:
+    """The `auto_map` of a release of `model_type`: the encoder classes of that family in this file."""
+    model, masked_lm = RELEASED_ENCODERS[model_type]
+    return {"AutoModel": f"{__name__.split('.')[-1]}.{model.__name__}", "AutoModelForMaskedLM": f"{__name__.split('.')[-1]}.{masked_lm.__name__}"}
+
+
+def rotate(states: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: rotate (batch, heads, seq, head) states by (seq, head / 2) angles (RoFormer's halves layout)."""
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # (seq, head)
+    first, second = states.chunk(2, dim=-1)
+    return states * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class RotaryCrossAttention(BertCrossAttention):
+    """
+    BERT's cross-attention with rotary positions, for encoders without an absolute position table.
+
+    Query row i is rotated by i and key j by j, so that a score depends on where the two tokens
+    are relative to each other; the parameters and the attention kernels are BERT's.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"pooler\."]
-    bert_architecture = "BertForMaskedLM"
+    def __init__(self, config: BertConfig, rotary_base: float):
+        super().__init__(config)
+        self.rotary_base = rotary_base
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch, seq_length, _ = hidden_states.shape
+        shape = (batch, seq_length, -1, self.attention_head_size)
+        angles = self.angles(seq_length, hidden_states.device)
+        query = rotate(self.query(hidden_states).view(shape).transpose(1, 2), angles)
+        key = rotate(self.key(encoder_hidden_states).view(shape).transpose(1, 2), angles)
+        value = self.value(encoder_hidden_states).view(shape).transpose(1, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(
+            self, query, key, value, attention_mask, dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling
+        )
+        return output.reshape(batch, seq_length, -1).contiguous(), weights
+
+    def angles(self, seq_length: int, device: torch.device) -> torch.Tensor:
+        """(seq, head / 2) rotation angles: position x inverse frequency."""
+        exponents = torch.arange(0, self.attention_head_size, 2, device=device, dtype=torch.float32) / self.attention_head_size
+        return torch.arange(seq_length, device=device, dtype=torch.float32)[:, None] * self.rotary_base**-exponents
 
 
 class RetroMAEDecoderLayer(GradientCheckpointingLayer):
@@ -232,12 +381,15 @@ class RetroMAEDecoderLayer(GradientCheckpointingLayer):
 
     Queries come from the query stream, keys and values from the content stream, under the
     position-specific mask; the residual and LayerNorm are taken on the query stream, then
-    BERT's feed-forward block follows. BERT's cross-attention block is exactly this attention.
+    BERT's feed-forward block follows. BERT's cross-attention block is exactly this attention;
+    for encoders without absolute positions its queries and keys are rotated by position.
     """
 
-    def __init__(self, config: RetroMAEConfig):
+    def __init__(self, config: BertConfig, rotary_base: float | None = None):
         super().__init__()
         self.attention = BertAttention(config, is_cross_attention=True)
+        if rotary_base is not None:
+            self.attention.self = RotaryCrossAttention(config, rotary_base)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
@@ -253,9 +405,9 @@ class RetroMAEDecoderLayer(GradientCheckpointingLayer):
 class RetroMAEDecoder(nn.Module):
     """The decoder: `num_decoder_layers` enhanced-decoding layers, one in the paper."""
 
-    def __init__(self, config: RetroMAEConfig):
+    def __init__(self, config: BertConfig, num_layers: int, rotary_base: float | None = None):
         super().__init__()
-        self.layers = nn.ModuleList([RetroMAEDecoderLayer(config) for _ in range(config.num_decoder_layers)])
+        self.layers = nn.ModuleList([RetroMAEDecoderLayer(config, rotary_base) for _ in range(num_layers)])
 
     def forward(
         self, query_stream: torch.Tensor, content_stream: torch.Tensor, enhanced_decoding_mask: torch.Tensor
@@ -265,35 +417,84 @@ class RetroMAEDecoder(nn.Module):
         return query_stream
 
 
+def decoder_config(config: RetroMAEConfig) -> BertConfig:
+    """The decoder layer's settings: BERT's layer at the encoder's width, activation and initialisation."""
+    encoder = config.encoder
+    names = encoder_family(encoder.model_type).config_names
+    decoder = BertConfig(**{name: getattr(encoder, names.get(name, name)) for name in DECODER_FIELDS})
+    decoder._attn_implementation = config._attn_implementation
+    return decoder
+
+
+class RetroMAEPreTrainedModel(PreTrainedModel):
+    """
+    Weight initialisation and loading rules of RetroMAE pre-training models.
+
+    The encoder is initialised by its family's own rules; the decoder's layers like BERT's.
+    Flash and flex attention are turned off: the enhanced decoder needs an arbitrary dense
+    (batch, seq, seq) mask, which eager and SDPA attention take and those kernels do not.
+    """
+
+    config_class = RetroMAEConfig
+    config: RetroMAEConfig
+    base_model_prefix = "retromae"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module):
+        std = decoder_config(self.config).initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
 class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     """
-    RetroMAE pre-training: encoder, shared MLM head and enhanced decoder.
+    RetroMAE pre-training: the family's masked-LM encoder (with its MLM head) and the enhanced decoder.
 
-    `forward` takes the batch made by `RetroMAECollator`. Loaded with `from_pretrained` from a
-    BERT or `BertForMaskedLM` checkpoint, the encoder (and MLM head, where present) come from
-    the checkpoint and the decoder is initialised afresh, as pre-training from
-    bert-base-uncased requires.
+    `forward` takes the batch made by `RetroMAECollator`. `encoder` is the family's own
+    `...ForMaskedLM` model, so its weights are named as in the family's checkpoints; pass one
+    loaded from a checkpoint (`AutoModelForMaskedLM.from_pretrained`) to pre-train from it, with
+    the decoder initialised afresh. Checkpoints written by earlier versions of this package (a
+    BERT at the top level) load with `from_pretrained` as they are.
     """
 
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
     main_input_name = "encoder_input_ids"
+    # Checkpoints of earlier versions held the BERT encoder and its head at the top level.
+    LEGACY_PREFIXES = {"bert.": "encoder.bert.", "cls.": "encoder.cls."}
 
-    def __init__(self, config: RetroMAEConfig):
+    def __init__(self, config: RetroMAEConfig, encoder: PreTrainedModel | None = None):
         super().__init__(config)
-        self.bert = RetroMAEModel(config)
-        self.cls = BertOnlyMLMHead(config)
-        self.decoder = RetroMAEDecoder(config)
+        self.family = encoder_family(config.encoder.model_type)
+        self.encoder = encoder if encoder is not None else AutoModelForMaskedLM.from_config(config.encoder)
+        rotary_base = self.family.rotary_base(config.encoder) if self.family.rotary else None
+        self.decoder = RetroMAEDecoder(decoder_config(config), config.num_decoder_layers, rotary_base)
+        self._register_load_state_dict_pre_hook(rename_legacy_keys)
         self.post_init()
 
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading checkpoints of earlier versions (BERT at the top level) too."""
+        legacy = {f"^{re.escape(old)}": new for old, new in cls.LEGACY_PREFIXES.items()}
+        return super().from_pretrained(*args, **({"key_mapping": legacy} | kwargs))
 
-    def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
+    def get_input_embeddings(self):
+        return self.encoder.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.encoder.get_output_embeddings()
+
+    def masked_lm_model(self) -> PreTrainedModel:
+        """The encoder with its MLM head, settings recorded: what a release holds once the decoder is dropped."""
+        for name in RETROMAE_FIELDS:
+            setattr(self.encoder.config, name, getattr(self.config, name))
+        return self.encoder
 
     def forward(
         self,
@@ -314,9 +515,9 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         padding. With `return_logits=True` the MLM scores over the whole sequence
         are returned as well; the losses are the same either way.
         """
-        encoder_output = self.bert(encoder_input_ids, attention_mask=encoder_attention_mask)
-        sentence_embedding = encoder_output.sentence_embedding  # (batch, hidden)
-        encoder_loss = self.masked_lm_loss(encoder_output.last_hidden_state, encoder_labels)
+        encoder_states = self.encoder.base_model(encoder_input_ids, attention_mask=encoder_attention_mask).last_hidden_state
+        sentence_embedding = encoder_states[:, 0]  # (batch, hidden) h_X, the first token's final state
+        encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
 
         decoded = self.decode(sentence_embedding, decoder_input_ids, decoder_attention_mask)
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
@@ -326,8 +527,8 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
             encoder_loss=encoder_loss,
             decoder_loss=decoder_loss,
             sentence_embedding=sentence_embedding,
-            encoder_logits=self.cls(encoder_output.last_hidden_state) if return_logits else None,
-            decoder_logits=self.cls(decoded) if return_logits else None,
+            encoder_logits=self.mlm_head(encoder_states) if return_logits else None,
+            decoder_logits=self.mlm_head(decoded) if return_logits else None,
         )
 
     def decode(
@@ -342,15 +543,31 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         return self.decoder(query_stream, content_stream, self.attention_bias(decoder_attention_mask))
 
     def query_stream(self, sentence_embedding: torch.Tensor, seq_length: int) -> torch.Tensor:
-        """`H1`: the sentence embedding plus the raw position embedding at every position (Eq. 6)."""
-        embeddings = self.bert.embeddings
-        positions = embeddings.position_embeddings(embeddings.position_ids[:, :seq_length])  # (1, seq, hidden)
-        return sentence_embedding[:, None] + positions  # (batch, seq, hidden)
+        """
+        `H1`: the sentence embedding plus the raw position embedding of every position (Eq. 6).
+
+        Positions are numbered as the encoder numbers them (from `padding_idx + 1` in RoBERTa).
+        Without a position table the query is `h_X` itself at every position, which the rotary
+        decoder then rotates by the position.
+        """
+        queries = sentence_embedding[:, None].expand(-1, seq_length, -1)  # (batch, seq, hidden)
+        if self.family.rotary:
+            return queries
+        table = self.encoder.base_model.embeddings.position_embeddings
+        first = self.family.position_offset(self.config.encoder)
+        positions = table(torch.arange(first, first + seq_length, device=sentence_embedding.device))  # (seq, embedding)
+        return queries + self.to_hidden_width(positions)
 
     def content_stream(self, sentence_embedding: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         """`H2`: the encoder's embeddings of the original tokens, position 0 replaced by `h_X` (Eq. 6)."""
-        token_embeddings = self.bert.embeddings(input_ids=input_ids)  # (batch, seq, hidden)
+        token_embeddings = self.to_hidden_width(self.encoder.base_model.embeddings(input_ids=input_ids))  # (batch, seq, hidden)
         return torch.cat([sentence_embedding[:, None], token_embeddings[:, 1:]], dim=1)
+
+    def to_hidden_width(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Factorised embeddings (ELECTRA's `embedding_size`) projected as the encoder projects them; others as they are."""
+        name = self.family.embeddings_projection
+        projection = getattr(self.encoder.base_model, name, None) if name else None
+        return embeddings if projection is None else projection(embeddings)
 
     def attention_bias(self, enhanced_decoding_mask: torch.BoolTensor) -> torch.Tensor:
         """The (batch, seq, seq) mask in the form the configured attention function takes."""
@@ -360,6 +577,10 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         dtype = self.dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
+    def mlm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The family's MLM head, shared by encoder and decoder: vocabulary scores of hidden states."""
+        return self.family.mlm_head(self.encoder, hidden_states)
+
     def masked_lm_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
         """
         Cross entropy of the shared MLM head over the labelled positions.
@@ -368,20 +589,27 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         same as over full logits with `ignore_index`, at a fraction of the cost.
         """
         labelled = labels != IGNORE_INDEX  # (batch, seq)
-        logits = self.cls(hidden_states[labelled])  # (labelled, vocab)
+        logits = self.mlm_head(hidden_states[labelled])  # (labelled, vocab)
         return F.cross_entropy(logits.float(), labels[labelled])
 
 
-RetroMAEModel.register_for_auto_class("AutoModel")
-RetroMAEForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Read a state dict of an earlier version (BERT encoder and head at the top level) into the current layout."""
+    for old, new in RetroMAEForPreTraining.LEGACY_PREFIXES.items():
+        for key in [key for key in state_dict if key.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
 RetroMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
+    "ENCODER_FAMILIES",
     "RetroMAEForMaskedLM",
     "RetroMAEForPreTraining",
     "RetroMAEForPreTrainingOutput",
     "RetroMAEModel",
     "RetroMAEModelOutput",
     "RetroMAEPreTrainedModel",
+    "encoder_family",
     "write_sentence_transformers_files",
 ]

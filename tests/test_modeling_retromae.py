@@ -25,16 +25,16 @@ def linear(x, module):
 
 def reference_mlm_loss(model, hidden, labels):
     """The MLM head over every position, cross entropy over the labelled ones (the direct form)."""
-    head = model.cls.predictions
+    head = model.encoder.cls.predictions
     transformed = layer_norm(F.gelu(linear(hidden, head.transform.dense)), head.transform.LayerNorm)
-    logits = transformed @ model.bert.embeddings.word_embeddings.weight.T + head.bias
+    logits = transformed @ model.encoder.bert.embeddings.word_embeddings.weight.T + head.bias
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 def reference_losses(model, batch):
     """RetroMAE's two losses recomputed step by step from ../shared/docs/retromae.md."""
-    embeddings = model.bert.embeddings
-    encoder_hidden = model.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+    embeddings = model.encoder.bert.embeddings
+    encoder_hidden = model.encoder.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
     encoder_loss = reference_mlm_loss(model, encoder_hidden, batch["encoder_labels"])
 
     ids = batch["decoder_input_ids"]
@@ -81,7 +81,7 @@ def test_losses_match_a_hand_computed_reference(tokenizer, tiny_config, attn_imp
 
 def test_untrained_losses_are_near_log_vocabulary(tiny_config, batch):
     output = RetroMAEForPreTraining(tiny_config).eval()(**batch)
-    expected = math.log(tiny_config.vocab_size)
+    expected = math.log(tiny_config.encoder.vocab_size)
     assert output.encoder_loss.item() == pytest.approx(expected, rel=0.05)
     assert output.decoder_loss.item() == pytest.approx(expected, rel=0.05)
 
@@ -92,7 +92,7 @@ def test_logits_are_returned_only_when_asked(tiny_config, batch):
     assert plain.encoder_logits is None and plain.decoder_logits is None
     asked = model(**batch, return_logits=True)
     batch_size, seq = batch["decoder_input_ids"].shape
-    assert asked.decoder_logits.shape == (batch_size, seq, tiny_config.vocab_size)
+    assert asked.decoder_logits.shape == (batch_size, seq, tiny_config.encoder.vocab_size)
     full_loss = F.cross_entropy(asked.decoder_logits.flatten(0, 1), batch["decoder_labels"].flatten(), ignore_index=-100)
     assert asked.decoder_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
     assert torch.equal(asked.loss, plain.loss)
@@ -100,8 +100,8 @@ def test_logits_are_returned_only_when_asked(tiny_config, batch):
 
 def test_word_embeddings_and_mlm_decoder_are_tied(tiny_config):
     model = RetroMAEForPreTraining(tiny_config)
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
-    assert model.get_output_embeddings() is model.cls.predictions.decoder
+    assert model.encoder.cls.predictions.decoder.weight is model.encoder.bert.embeddings.word_embeddings.weight
+    assert model.get_output_embeddings() is model.encoder.cls.predictions.decoder
 
 
 def test_one_optimizer_step_lowers_the_loss_and_reaches_encoder_and_decoder(tiny_config, batch):
@@ -110,14 +110,14 @@ def test_one_optimizer_step_lowers_the_loss_and_reaches_encoder_and_decoder(tiny
     before = model(**batch)
     before.loss.backward()
     for name in (
-        "bert.embeddings.word_embeddings.weight",
-        "bert.embeddings.position_embeddings.weight",
-        "bert.encoder.layer.0.attention.self.query.weight",
-        "bert.encoder.layer.1.output.dense.weight",
+        "encoder.bert.embeddings.word_embeddings.weight",
+        "encoder.bert.embeddings.position_embeddings.weight",
+        "encoder.bert.encoder.layer.0.attention.self.query.weight",
+        "encoder.bert.encoder.layer.1.output.dense.weight",
         "decoder.layers.0.attention.self.query.weight",
         "decoder.layers.0.attention.self.key.weight",
         "decoder.layers.0.output.dense.weight",
-        "cls.predictions.transform.dense.weight",
+        "encoder.cls.predictions.transform.dense.weight",
     ):
         gradient = model.get_parameter(name).grad
         assert gradient is not None and gradient.abs().sum() > 0, name
@@ -131,7 +131,7 @@ def test_decoder_loss_flows_into_the_sentence_embedding(tiny_config, batch):
     """The decoder only sees the encoder through h_X: its loss must train the last encoder layer's [CLS]."""
     model = RetroMAEForPreTraining(tiny_config)
     model(**batch).decoder_loss.backward()
-    assert model.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
+    assert model.encoder.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
 
 
 def test_sdpa_and_eager_give_the_same_losses(tiny_config, batch):
@@ -184,17 +184,17 @@ def test_more_decoder_layers_are_built_and_trained(tiny_config, batch):
 
 
 def test_sentence_embedding_is_the_final_cls_state(tiny_config, batch):
-    model = RetroMAEModel(tiny_config).eval()
+    model = RetroMAEModel(tiny_config.encoder).eval()
     output = model(batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
     assert torch.equal(output.sentence_embedding, output.last_hidden_state[:, 0])
     pretraining = RetroMAEForPreTraining(tiny_config).eval()
-    pretraining.bert.load_state_dict(model.state_dict())
+    pretraining.encoder.bert.load_state_dict(model.state_dict())
     assert torch.allclose(pretraining(**batch).sentence_embedding, model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).sentence_embedding)
 
 
 def test_encoder_is_bert_with_the_same_weights(tiny_config, batch):
-    model = RetroMAEModel(tiny_config).eval()
-    bert = BertModel(BertConfig(**tiny_config.to_dict()), add_pooling_layer=False).eval()
+    model = RetroMAEModel(tiny_config.encoder).eval()
+    bert = BertModel(tiny_config.encoder, add_pooling_layer=False).eval()
     missing, unexpected = bert.load_state_dict(model.state_dict(), strict=True)
     assert not missing and not unexpected
     ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
@@ -202,10 +202,10 @@ def test_encoder_is_bert_with_the_same_weights(tiny_config, batch):
 
 
 def test_hidden_states_and_tuples_are_returned_as_transformers_users_expect(tiny_config, batch):
-    model = RetroMAEModel(tiny_config).eval()
+    model = RetroMAEModel(tiny_config.encoder).eval()
     ids = batch["decoder_input_ids"]
     output = model(ids, output_hidden_states=True)
-    assert len(output.hidden_states) == tiny_config.num_hidden_layers + 1
+    assert len(output.hidden_states) == tiny_config.encoder.num_hidden_layers + 1
     as_tuple = model(ids, return_dict=False)
     assert torch.equal(as_tuple[0], output.last_hidden_state)
 
@@ -231,7 +231,7 @@ def test_trainer_counts_the_flops_and_tokens_of_a_pretraining_batch(tiny_config,
 
 def test_encoder_forward_takes_transformers_typed_keyword_arguments(tiny_config, batch):
     assert inspect.signature(RetroMAEModel.forward).parameters["kwargs"].annotation == Unpack[TransformersKwargs]
-    model = RetroMAEModel(tiny_config).eval()
+    model = RetroMAEModel(tiny_config.encoder).eval()
     model.set_attn_implementation("eager")
     output = model(batch["decoder_input_ids"], output_attentions=True, output_hidden_states=True)
-    assert len(output.attentions) == len(output.hidden_states) - 1 == tiny_config.num_hidden_layers
+    assert len(output.attentions) == len(output.hidden_states) - 1 == tiny_config.encoder.num_hidden_layers
