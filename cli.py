@@ -8,7 +8,7 @@ from pathlib import Path
 from . import finetune, pretrain
 from .data import CorpusError
 from .evaluate import METRICS, EvaluationError, evaluate, load_beir, load_model
-from .hub import CardError, ReleaseError, convert, export_bert, release
+from .hub import CardError, ReleaseError, convert, export_plain, release
 from .hub.card import TEMPLATE
 
 
@@ -18,13 +18,13 @@ USER_ERRORS = (pretrain.UsageError, CorpusError, EvaluationError, ReleaseError, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retromae",
-        description="RetroMAE: retrieval-oriented pre-training of BERT-like encoders (Xiao et al., EMNLP 2022).",
+        description="RetroMAE: retrieval-oriented pre-training of masked-LM encoders (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v3, DistilBERT, ELECTRA) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pretraining = commands.add_parser(
         "pretrain",
         help="pre-train or domain-adapt an encoder with RetroMAE",
-        description="Pre-train a BERT encoder with RetroMAE on the transformers Trainer, then release the encoder "
+        description="Pre-train a masked-LM encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
         "runs the embedded demo: all-MiniLM-L6-v2 on an English Wikipedia excerpt, a few minutes on 2 CPU cores. "
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
         description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
-        "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, is a BERT "
-        "checkpoint that SentenceTransformer and AutoModel load as they are, with RetroMAE's code as an opt-in "
+        "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, is a checkpoint "
+        "of the encoder's family that SentenceTransformer and AutoModel load as they are, with RetroMAE's code as an opt-in "
         "(trust_remote_code=True).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed a BEIR-format folder's corpus and queries with a model and report nDCG@10, MRR@10 and "
         "Recall@100 (sentence-transformers' InformationRetrievalEvaluator), printed and written as JSON. Any "
         "SentenceTransformer-loadable model works, so a RetroMAE model and a baseline compare with the same command; "
-        "a bare BERT or RetroMAE folder is embedded by its [CLS] state.",
+        "a bare encoder or RetroMAE folder is embedded by its first-token state.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluation.add_argument("model", help="Model folder or Hub id.")
@@ -85,17 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     converting = commands.add_parser(
         "convert",
-        help="turn a BERT / authors' RetroMAE checkpoint into a release folder, or back (--to-bert)",
-        description="Convert a BertForMaskedLM or BertModel checkpoint (a folder or Hub id, such as the authors' "
-        "Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or Shitao/RetroMAE_BEIR) into a RetroMAE folder that `retromae "
-        "release` publishes: same weights, a BERT config that points the encoder classes at RetroMAE's code, "
-        "sentence-transformers files. With --to-bert, write a BertForMaskedLM folder with no remote code at all. Either way the encoder's outputs are checked "
-        "to be identical.",
+        help="turn a checkpoint (e.g. the authors' RetroMAE) into a release folder, or back (--plain)",
+        description="Convert a checkpoint of a supported family, ...ForMaskedLM or base-model layout (a folder or Hub "
+        "id, such as the authors' Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or BAAI/bge-m3-retromae), or a RetroMAE "
+        "pre-training checkpoint, into a RetroMAE folder that `retromae release` publishes: same weights, the "
+        "family's config pointing the encoder classes at RetroMAE's code, sentence-transformers files. With --plain, "
+        "write the family's own ...ForMaskedLM folder with no remote code at all. Either way the written folder, "
+        "loaded with the family's own AutoModel, is checked to give the encoder's hidden states.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     converting.add_argument("source", metavar="SRC", help="Checkpoint folder or Hub id.")
     converting.add_argument("destination", metavar="DST", help="Folder to write (replaced atomically).")
-    converting.add_argument("--to-bert", action="store_true", help="Export a RetroMAE model as plain BERT.")
+    converting.add_argument(
+        "--plain", "--to-bert", dest="plain", action="store_true",
+        help="Export a RetroMAE model as its family's own checkpoint (BertForMaskedLM for a BERT) with no remote code.",
+    )
     converting.set_defaults(handler=run_convert)
     return parser
 
@@ -105,7 +109,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
     if release is not None:
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
-        print("(a BERT checkpoint; trust_remote_code=True gives RetroMAEModel and its sentence_embedding)")
+        print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -153,9 +157,9 @@ def read_report(path: str) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    if args.to_bert:
-        export_bert(args.source, args.destination)
-        print(f"Plain BERT written to {args.destination}: loads with BertModel / BertForMaskedLM, no remote code.")
+    if args.plain:
+        export_plain(args.source, args.destination)
+        print(f"Plain checkpoint written to {args.destination}: loads with its family's own classes, no remote code.")
         return
     if not convert(args.source, args.destination):
         print(f"Note: {args.source} has no MLM head; the encoder is converted as is and the head is freshly initialised.")

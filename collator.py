@@ -1,7 +1,7 @@
 """Turning text into a RetroMAE pre-training batch: the six tensors `RetroMAEForPreTraining` reads.
 
 The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
-[CLS], [SEP] or padding; the encoder's chosen tokens are replaced BERT-style; every row of the
+the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced BERT-style; every row of the
 enhanced-decoding mask draws its own aggressive pattern and hides its own position. Everything
 is built with tensor operations on a seeded `torch.Generator`, so batches are reproducible and
 cheap enough for one worker to feed a GPU.
@@ -27,8 +27,9 @@ class RetroMAECollator:
     Build RetroMAE batches from texts or token ids.
 
     Args:
-        tokenizer: a BERT-style tokenizer (WordPiece: a word is a token plus its `##`
-            continuations; with other vocabularies every token counts as a word).
+        tokenizer: the encoder's tokenizer, with a first token ([CLS] or <s>), a separator and a
+            mask token. Words are read from its vocabulary (see `word_start_flags`): WordPiece
+            marks continuations (`##`), byte-level BPE (`Ġ`) and SentencePiece (`▁`) mark word starts.
         encoder_mask_ratio: share of each sequence's non-special tokens masked for the encoder.
         decoder_mask_ratio: share hidden from each row of the enhanced-decoding mask.
         max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
@@ -67,7 +68,7 @@ class RetroMAECollator:
         if max_length < 3:
             raise ValueError(f"max_length must leave room for [CLS], a token and [SEP], got {max_length!r}.")
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
-            raise ValueError("The tokenizer needs [CLS], [SEP] and [MASK] tokens (a BERT-style tokenizer).")
+            raise ValueError("The tokenizer needs a first token ([CLS] or <s>), a separator ([SEP] or </s>) and a mask token.")
         self.tokenizer = tokenizer
         self.encoder_mask_ratio = encoder_mask_ratio
         self.decoder_mask_ratio = decoder_mask_ratio
@@ -76,15 +77,8 @@ class RetroMAECollator:
         self.enhanced_decoding = enhanced_decoding
         self.epoch = 0
         self.vocab_size = len(tokenizer)
-        self.is_special = self._vocabulary_flags(tokenizer.all_special_ids)
-        self.is_continuation = self._vocabulary_flags(
-            [i for token, i in tokenizer.get_vocab().items() if token.startswith("##")]
-        )
-
-    def _vocabulary_flags(self, ids: Sequence[int]) -> torch.BoolTensor:
-        flags = torch.zeros(self.vocab_size, dtype=torch.bool)
-        flags[torch.tensor(sorted(ids), dtype=torch.long)] = True
-        return flags
+        self.is_special = vocabulary_flags(tokenizer.all_special_ids, self.vocab_size)
+        self.starts_word = word_start_flags(tokenizer, self.vocab_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new masks for a new pass over the data (as a sampler's `set_epoch` reshuffles)."""
@@ -247,11 +241,42 @@ class RetroMAECollator:
 
     def _words(self, input_ids: torch.LongTensor, content: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Index of the word each content token belongs to (specials map to a last, empty slot) and word lengths."""
-        starts = content & ~self.is_continuation[input_ids]
-        starts[:, 0] |= content[:, 0]
+        after_content = torch.nn.functional.pad(content[:, :-1], (1, 0))  # (batch, seq) the previous token is content
+        starts = content & (self.starts_word[input_ids] | ~after_content)
         word_ids = starts.long().cumsum(1) - 1  # (batch, seq)
         num_words = int(word_ids.max()) + 2
         word_ids = word_ids.clamp(min=0).masked_fill(~content, num_words - 1)
         word_lengths = torch.zeros((input_ids.shape[0], num_words), dtype=torch.long)
         word_lengths.scatter_add_(1, word_ids, content.long())
         return word_ids, word_lengths
+
+
+# How vocabularies mark words: WordPiece marks the tokens that continue a word, byte-level BPE (RoBERTa,
+# ModernBERT) and SentencePiece (XLM-RoBERTa, DeBERTa-v3) the tokens that begin one.
+CONTINUATION_MARKERS = ("##",)
+WORD_START_MARKERS = ("Ġ", "▁")
+
+
+def word_start_flags(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.BoolTensor:
+    """
+    (vocab,) True for the tokens that begin a word, read from the vocabulary's markers.
+
+    The marker is the one most of the vocabulary carries: `##` (WordPiece) flags continuations,
+    `Ġ` (byte-level BPE) or `▁` (SentencePiece) flag word starts. A token right after a special
+    token or at the start always begins a word (`RetroMAECollator._words`), so a text's first
+    word counts even without its marker. A vocabulary with none of them has a word per token.
+    """
+    vocabulary = tokenizer.get_vocab()
+    counts = {marker: sum(token.startswith(marker) for token in vocabulary) for marker in CONTINUATION_MARKERS + WORD_START_MARKERS}
+    marker = max(counts, key=counts.get)
+    if counts[marker] == 0:
+        return torch.ones(vocab_size, dtype=torch.bool)
+    marked = vocabulary_flags([i for token, i in vocabulary.items() if token.startswith(marker)], vocab_size)
+    return ~marked if marker in CONTINUATION_MARKERS else marked
+
+
+def vocabulary_flags(ids: Sequence[int], vocab_size: int) -> torch.BoolTensor:
+    """(vocab,) True at `ids`."""
+    flags = torch.zeros(vocab_size, dtype=torch.bool)
+    flags[torch.tensor(sorted(ids), dtype=torch.long)] = True
+    return flags

@@ -74,8 +74,8 @@ class RetroMAEConfig(PreTrainedConfig):
             self.encoder = {"model_type": "bert"} | {name: kwargs.pop(name) for name in list(kwargs) if name in bert_fields}
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
-        self._check_retromae_fields()
         super().__post_init__(**kwargs)
+        self._check_retromae_fields()
 
     def _check_retromae_fields(self):
         """Raise `ValueError` naming the field when a setting cannot describe a RetroMAE model."""
@@ -85,6 +85,9 @@ class RetroMAEConfig(PreTrainedConfig):
                 raise ValueError(f"{field} must lie strictly between 0 and 1, got {value!r}.")
         if self.num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be at least 1, got {self.num_decoder_layers!r}.")
+        width, heads = self.encoder.hidden_size, self.encoder.num_attention_heads
+        if width % heads != 0:
+            raise ValueError(f"hidden_size ({width}) must be divisible by num_attention_heads ({heads}).")
 
 
 def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: dict) -> dict:

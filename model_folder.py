@@ -15,8 +15,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
+
+from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, encoder_family
 
 
 PRETRAINING_FILE = "retromae_pretraining.json"
@@ -47,6 +49,28 @@ def write_model_files(
     tokenizer.save_pretrained(folder)
     if pretraining is not None:
         (Path(folder) / PRETRAINING_FILE).write_text(json.dumps(pretraining, indent=2) + "\n")
+
+
+def folder_model_type(source: str | os.PathLike) -> str:
+    """The `model_type` of a model folder or Hub id (`OSError` where there is no config.json)."""
+    return PreTrainedConfig.get_config_dict(str(source))[0].get("model_type", "")
+
+
+def load_encoder(source: str | os.PathLike, with_mlm_head: bool = True) -> PreTrainedModel:
+    """
+    The encoder of a model folder or Hub id of any supported family, as its family's release class.
+
+    A release or a family's checkpoint loads as it is; a pre-training checkpoint (model type
+    `retromae`, of this version or an earlier one) leaves its decoder behind. With the MLM head
+    it is what a release holds; without, the base model whose output is the sentence embedding.
+    """
+    model_type = folder_model_type(source)
+    with quiet_loading():  # what is left behind (decoder, head, pooler) is left on purpose
+        if model_type == "retromae":
+            return RetroMAEForPreTraining.from_pretrained(source).released_encoder(with_mlm_head)
+        encoder_family(model_type)
+        model, masked_lm = RELEASED_ENCODERS[model_type]
+        return (masked_lm if with_mlm_head else model).from_pretrained(source).eval()
 
 
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:

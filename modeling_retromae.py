@@ -490,11 +490,24 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def get_output_embeddings(self):
         return self.encoder.get_output_embeddings()
 
-    def masked_lm_model(self) -> PreTrainedModel:
-        """The encoder with its MLM head, settings recorded: what a release holds once the decoder is dropped."""
+    def released_encoder(self, with_mlm_head: bool = True) -> PreTrainedModel:
+        """
+        The encoder as its family's release class, without the decoder (as in the paper).
+
+        With its MLM head (the `...ForMaskedLM` layout a release has) or without (the base model,
+        whose output is the sentence embedding); RetroMAE's settings are kept in its config.
+        """
+        config = self.encoder.config
         for name in RETROMAE_FIELDS:
-            setattr(self.encoder.config, name, getattr(self.config, name))
-        return self.encoder
+            setattr(config, name, getattr(self.config, name))
+        model, masked_lm = RELEASED_ENCODERS[config.model_type]
+        encoder = masked_lm(config)
+        encoder.load_state_dict(self.encoder.state_dict())
+        if with_mlm_head:
+            return encoder.eval()
+        base = model(config)
+        base.load_state_dict(encoder.base_model.state_dict())
+        return base.eval()
 
     def forward(
         self,

@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertTokenizer,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
@@ -22,7 +32,7 @@ from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .data import corpus_files, demo_corpus, load_corpus
 from .model_folder import public_name, quiet_loading, save_atomically, write_model_files
-from .modeling_retromae import RetroMAEForMaskedLM, RetroMAEForPreTraining
+from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
 
 
 SIZES = {
@@ -39,7 +49,7 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 
 RELEASE_FOLDER = "model"
 STAGING_FOLDER = ".staging"
-FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "cls": "the MLM head (the checkpoint has none)"}
+FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
 DEMO_DATASET = "wikimedia/wikipedia"
 
@@ -53,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("model and data")
     source.add_argument(
         "--model",
-        help="BERT, BertForMaskedLM or RetroMAE checkpoint (folder or Hub id) to start from. Default: the "
-        "all-MiniLM-L6-v2 weights of the demo extra.",
+        help="Checkpoint (folder or Hub id) to start from: a masked-LM encoder of the families "
+        f"{', '.join(ENCODER_FAMILIES)} (its ...ForMaskedLM or base-model layout), or a RetroMAE pre-training "
+        "checkpoint. Default: the all-MiniLM-L6-v2 weights of the demo extra.",
     )
     source.add_argument("--config", choices=sorted(SIZES), help="Start from a fresh model of this size instead of --model.")
     source.add_argument(
@@ -239,17 +250,13 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         config = RetroMAEConfig(vocab_size=len(tokenizer), **SIZES[args.config], **ratios)
         model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
     else:
-        try:
-            model = load_base_model(args.model, args.attn_implementation, ratios)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"--model {args.model}: not a BERT or RetroMAE checkpoint ({error}).") from None
+        model = load_base_model(args.model, args.attn_implementation, ratios)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {model.config.vocab_size}.")
-    if args.max_length > model.config.max_position_embeddings:
-        raise UsageError(
-            f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings} positions."
-        )
+    vocab_size, positions = model.config.encoder.vocab_size, max_tokens(model.config.encoder)
+    if len(tokenizer) > vocab_size:
+        raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab_size}.")
+    if args.max_length > positions:
+        raise UsageError(f"--max-length {args.max_length} exceeds the {positions} tokens the model's positions allow.")
     return model, tokenizer
 
 
@@ -269,36 +276,79 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise UsageError(f"--tokenizer {name}: not a tokenizer ({error}).") from None
     missing = [kind for kind in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, f"{kind}_id") is None]
     if missing:
-        raise UsageError(f"--tokenizer {name} has no {', '.join(missing)}: RetroMAE needs BERT's [CLS], [SEP], [MASK] and [PAD].")
+        raise UsageError(
+            f"--tokenizer {name} has no {', '.join(missing)}: RetroMAE needs a first token ([CLS] or <s>), a separator, a mask and a padding token."
+        )
     return tokenizer
 
 
-def load_base_model(name: str, attn_implementation: str, ratios: dict) -> RetroMAEForPreTraining:
+def load_base_model(name: str, attn_implementation: str, settings: dict) -> RetroMAEForPreTraining:
     """
-    Load RetroMAEForPreTraining from a BERT or RetroMAE checkpoint and say in one line what was new.
+    RetroMAEForPreTraining from a checkpoint of a supported family or a RetroMAE pre-training
+    checkpoint, saying in one line what was carried over and what starts fresh.
 
-    transformers' own load report lists every decoder tensor as missing and calls a checkpoint
-    without an MLM head corrupted; both are expected when pre-training starts from a BERT, so it
-    is replaced by a summary that names only what matters.
+    A family's checkpoint (its `...ForMaskedLM` layout or its base-model layout) is read by the
+    family's own `AutoModelForMaskedLM` class; the decoder, and the MLM head where the checkpoint
+    has none, start fresh. transformers' own load report is replaced by that line: it would list
+    every decoder tensor as missing and call a checkpoint without an MLM head corrupted. An
+    encoder tensor the checkpoint lacks is an error.
     """
+    model_type = checkpoint_model_type(name)
     with quiet_loading():
-        model, info = RetroMAEForPreTraining.from_pretrained(
-            name, attn_implementation=attn_implementation, output_loading_info=True, **ratios
+        if model_type == "retromae":
+            model, info = RetroMAEForPreTraining.from_pretrained(
+                name, attn_implementation=attn_implementation, output_loading_info=True, **settings
+            )
+            encoder, missing = model.encoder, {key.removeprefix("encoder.") for key in info["missing_keys"]}
+        else:
+            family_check(name, model_type)
+            attention = attn_implementation if supports_sdpa(model_type) else "eager"
+            encoder, info = AutoModelForMaskedLM.from_pretrained(name, attn_implementation=attention, output_loading_info=True)
+            config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
+            model, missing = RetroMAEForPreTraining(config, encoder=encoder), set(info["missing_keys"])
+    missing_encoder = sorted(key for key in missing if key.startswith(encoder.base_model_prefix + "."))
+    if missing_encoder:
+        raise UsageError(
+            f"--model {name}: the checkpoint lacks {len(missing_encoder)} encoder tensors of its {model_type} "
+            f"model ({', '.join(missing_encoder[:3])}, ...): it is not a {model_type} encoder checkpoint."
         )
-    if os.environ.get("RANK", "0") != "0":
-        return model
-    missing = set(info["missing_keys"])
-    fresh = [part for part in FRESH_PARTS if any(key.startswith(part + ".") for key in missing)]
-    missing_encoder = sorted(key for key in missing if key.startswith("bert."))
-    print(
-        f"Loaded {name}: encoder from the checkpoint"
-        + "".join(f"; {FRESH_PARTS[part]} initialised afresh" for part in fresh)
-        + (f"; ignored {len(info['unexpected_keys'])} tensors it has and RetroMAE does not use" if info["unexpected_keys"] else "")
+    if os.environ.get("RANK", "0") == "0":
+        print(load_summary(name, model_type, missing, info["unexpected_keys"]))
+    return model
+
+
+def checkpoint_model_type(name: str) -> str:
+    """The `model_type` of a checkpoint's config.json; a folder or Hub id without one is a `UsageError`."""
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {name}: not a model checkpoint ({error}).") from None
+    return config.get("model_type", "")
+
+
+def family_check(name: str, model_type: str) -> None:
+    try:
+        encoder_family(model_type)
+    except ValueError as error:
+        raise UsageError(f"--model {name}: {error}") from None
+
+
+def supports_sdpa(model_type: str) -> bool:
+    """Whether the family's transformers model takes SDPA attention (DeBERTa-v2 takes eager only)."""
+    return MODEL_FOR_MASKED_LM_MAPPING[CONFIG_MAPPING[model_type]]._supports_sdpa
+
+
+def load_summary(name: str, model_type: str, missing: set[str], unexpected: list[str]) -> str:
+    """One line: the checkpoint's family, that its encoder was carried over, which parts start fresh, what was left out."""
+    fresh = [FRESH_PARTS["decoder"]] if model_type != "retromae" or any(k.startswith("decoder.") for k in missing) else []
+    if any(not key.startswith("decoder.") for key in missing):
+        fresh.append(FRESH_PARTS["head"])
+    return (
+        f"Loaded {name} ({model_type}): encoder from the checkpoint"
+        + "".join(f"; {part} initialised afresh" for part in fresh)
+        + (f"; ignored {len(unexpected)} tensors it has and RetroMAE does not use" if unexpected else "")
         + "."
     )
-    if missing_encoder:
-        print(f"Warning: the checkpoint lacks {len(missing_encoder)} encoder tensors, initialised at random: {', '.join(missing_encoder[:5])}")
-    return model
 
 
 def training_arguments(args: argparse.Namespace) -> TrainingArguments:
@@ -443,6 +493,5 @@ def release_encoder(
     model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path, summary: dict | None = None
 ) -> None:
     """Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing model folder."""
-    encoder = RetroMAEForMaskedLM(model.config)
-    encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")})
+    encoder = model.released_encoder()
     save_atomically(folder, lambda path: write_model_files(path, encoder, tokenizer, summary))

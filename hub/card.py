@@ -27,6 +27,8 @@ CITATION = """@inproceedings{xiao2022retromae,
   url       = {https://arxiv.org/abs/2205.12035}
 }"""
 NAMED_SOURCES = ("base_model", "converted_from", "corpus")
+# Families whose base model builds a pooler unless told not to (the card's transformers example says so).
+POOLED_FAMILIES = ("bert", "roberta", "xlm-roberta")
 PRETRAINING_ROWS = {
     "base_model": "initial weights",
     "corpus": "corpus",
@@ -59,8 +61,13 @@ def model_card(
     license: str = "apache-2.0",
     language: str = "en",
     template: str | Path = TEMPLATE,
+    encoder: dict | None = None,
 ) -> ModelCard:
-    """The card of `repo_id`, from the run's settings (`retromae_pretraining.json`) and `retromae evaluate` reports."""
+    """
+    The card of `repo_id`, from the run's settings (`retromae_pretraining.json`), `retromae evaluate`
+    reports and the encoder's config (its family; BERT where it is not given).
+    """
+    encoder = encoder or {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
     pretraining = public_record(pretraining or {})
     base_model = hub_id(pretraining.get("base_model") or pretraining.get("converted_from"))
     data = ModelCardData(
@@ -81,6 +88,9 @@ def model_card(
         "pretraining_table": pretraining_table(pretraining),
         "evaluation_table": evaluation_table(evaluations),
         "citation": CITATION,
+        "model_type": encoder["model_type"],
+        "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
+        "model_arguments": ", add_pooling_layer=False" if encoder["model_type"] in POOLED_FAMILIES else "",
     }
     check_template_fields(Path(template), fields)
     card = ModelCard.from_template(data, template_path=str(template), **fields)
@@ -137,7 +147,7 @@ def evaluation_table(evaluations: list[dict]) -> str:
         + " |"
         for r in evaluations
     ]
-    note = "\n\nThe [CLS] embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+    note = "\n\nThe first-token embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
     return "\n".join(header + rows) + note
 
 

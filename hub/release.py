@@ -1,8 +1,8 @@
 """`retromae release`: from a trained model folder to a complete, checked Hub repository in one commit.
 
 The repository is assembled in a folder first, in the layout every user-facing folder has (a
-BERT checkpoint whose config points the encoder classes at the code files beside it, tokenizer,
-sentence-transformers files), with the model card; it is loaded back the way users load it
+checkpoint of the encoder's family whose config points the encoder classes at the code files
+beside it, tokenizer, sentence-transformers files), with the model card; it is loaded back the way users load it
 (`SentenceTransformer` with no flag, `AutoModel` with remote code) and compared with the source,
 and only then uploaded with `upload_folder`: one commit, or nothing at all. Folders saved by
 earlier versions (model type `retromae`) are re-released in the current layout.
@@ -21,9 +21,8 @@ from sentence_transformers import SentenceTransformer
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from ..configuration_retromae import RELEASE_AUTO_MAP
-from ..model_folder import PRETRAINING_FILE, quiet_loading, save_atomically, write_model_files
-from ..modeling_retromae import RetroMAEForMaskedLM, RetroMAEModel
+from ..model_folder import PRETRAINING_FILE, load_encoder, quiet_loading, save_atomically, write_model_files
+from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS
 from ..sentence_transformer import load_sentence_transformer
 from .card import TEMPLATE, model_card, public_record
 
@@ -59,7 +58,7 @@ def release(
     source = check_model_folder(Path(model_dir))
     pretraining_file = source / PRETRAINING_FILE
     pretraining = public_record(json.loads(pretraining_file.read_text())) if pretraining_file.is_file() else None
-    card = model_card(repo_id, pretraining, list(evaluations), license, language, template)
+    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder_config(source))
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
@@ -89,15 +88,15 @@ def check_model_folder(folder: Path) -> Path:
         raise ReleaseError(f"{folder} is not a model folder: it has no config.json.")
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
-    if model_type == "bert" and config.get("auto_map", {}).get("AutoModel") != RELEASE_AUTO_MAP["AutoModel"]:
-        raise ReleaseError(f"{folder} is a BERT checkpoint: turn it into a RetroMAE release with `retromae convert` first.")
-    if model_type not in ("bert", "retromae"):
+    if model_type not in (*ENCODER_FAMILIES, "retromae"):
         raise ReleaseError(f"{folder} holds a {model_type!r} model, not a RetroMAE one.")
+    if model_type != "retromae" and not config.get("auto_map", {}).get("AutoModel", "").startswith("modeling_retromae."):
+        raise ReleaseError(f"{folder} is a plain {model_type} checkpoint: turn it into a RetroMAE release with `retromae convert` first.")
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         raise ReleaseError(f"{folder} has no .safetensors weights{' (only pickled ' + ', '.join(pickled) + ')' if pickled else ''}.")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
-        raise ReleaseError(f"{folder} has no tokenizer (tokenizer.json or vocab.txt).")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "spm.model", "sentencepiece.bpe.model")):
+        raise ReleaseError(f"{folder} has no tokenizer (tokenizer.json, vocab.txt or a SentencePiece model).")
     return folder
 
 
@@ -113,9 +112,7 @@ def login_token() -> str:
 
 def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) -> None:
     """Write the repository: the source's encoder in the release layout, its tokenizer, record and pipeline, the card."""
-    encoder_class = RetroMAEForMaskedLM if has_mlm_head(source) else RetroMAEModel
-    with quiet_loading():  # a pre-training checkpoint's decoder is left behind on purpose
-        encoder = encoder_class.from_pretrained(source)
+    encoder = load_encoder(source, with_mlm_head=has_mlm_head(source))
     write_model_files(folder, encoder, AutoTokenizer.from_pretrained(source), pretraining)
     if (source / "modules.json").is_file():
         copy_sentence_transformers_pipeline(source, folder)
@@ -123,11 +120,22 @@ def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) ->
 
 
 def has_mlm_head(source: Path) -> bool:
+    """Whether the folder holds the `...ForMaskedLM` layout (base model under its prefix, and a head); a pre-training checkpoint does."""
+    config = json.loads((source / "config.json").read_text())
+    if config.get("model_type") == "retromae":
+        return True
+    prefix = RELEASED_ENCODERS[config["model_type"]][0].base_model_prefix + "."
+    keys = set()
     for file in source.glob("*.safetensors"):
         with safe_open(file, framework="pt") as weights:
-            if any(key.startswith("cls.") for key in weights.keys()):
-                return True
-    return False
+            keys.update(weights.keys())
+    return any(key.startswith(prefix) for key in keys) and any(not key.startswith(prefix) for key in keys)
+
+
+def encoder_config(source: Path) -> dict:
+    """The family's config of the encoder in `source` (a pre-training checkpoint keeps it under `encoder`)."""
+    config = json.loads((source / "config.json").read_text())
+    return config.get("encoder", {"model_type": "bert"} | config) if config.get("model_type") == "retromae" else config
 
 
 def copy_sentence_transformers_pipeline(source: Path, folder: Path) -> None:
@@ -146,7 +154,7 @@ def check_release(folder: Path, source: Path) -> None:
     inputs = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad(), quiet_loading():  # plain BERT loading reports the MLM head as unused
         released = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()(**inputs).sentence_embedding
-        original = RetroMAEModel.from_pretrained(source).eval()(**inputs).sentence_embedding
+        original = load_encoder(source, with_mlm_head=False)(**inputs).sentence_embedding
         compare("AutoModel", released, original)
         released = SentenceTransformer(str(folder)).encode(PROBE_TEXTS, convert_to_tensor=True)
         original = load_sentence_transformer(str(source)).encode(PROBE_TEXTS, convert_to_tensor=True)

@@ -135,9 +135,9 @@ _SPECIALS = {
 MAX_LENGTH = 128  # Usable positions of every tiny model, and the tokenizers' model_max_length.
 
 
-def _special_tokens(family: str) -> list[str]:
-    """The family's special tokens in id order."""
-    return list(dict.fromkeys(_SPECIALS[family].values()))
+def _tokens(specials: dict[str, str]) -> list[str]:
+    """The special tokens of a `_SPECIALS` entry, in id order."""
+    return list(dict.fromkeys(specials.values()))
 
 
 def _train(model, trainer, pipeline: Tokenizer, pre_tokenizer=None) -> dict:
@@ -157,9 +157,19 @@ def _train(model, trainer, pipeline: Tokenizer, pre_tokenizer=None) -> dict:
 
 
 def _wordpiece(tokenizer_class: type, specials: dict[str, str]) -> PreTrainedTokenizerBase:
-    """A lowercasing BERT WordPiece tokenizer (`##` continuations)."""
+    """A lowercasing BERT WordPiece tokenizer (`##` continuations).
+
+    The trainer numbers the `##` forms of the characters in a random (hash) order, and breaks ties between
+    merges by those numbers, so the vocabulary itself would vary from run to run. Listing every `##c` up
+    front, after the special tokens, fixes their numbers and hence the vocabulary.
+    """
     pipeline = tokenizer_class(**specials).backend_tokenizer
-    trainer = WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(dict.fromkeys(specials.values())))
+    characters = sorted({c for text in CORPUS for c in pipeline.normalizer.normalize_str(text) if not c.isspace()})
+    trainer = WordPieceTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=_tokens(specials) + [f"##{c}" for c in characters],
+        show_progress=False,
+    )
     vocab = _train(WordPiece(unk_token=specials["unk_token"]), trainer, pipeline)["vocab"]
     return tokenizer_class(vocab=vocab, **specials)
 
@@ -169,8 +179,9 @@ def _roberta(specials: dict[str, str]) -> PreTrainedTokenizerBase:
     pipeline = RobertaTokenizer(**specials).backend_tokenizer
     trainer = BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(dict.fromkeys(specials.values())),
+        special_tokens=_tokens(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     model = _train(BPE(), trainer, pipeline)
     return RobertaTokenizer(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]], **specials)
@@ -183,13 +194,30 @@ def _unigram(tokenizer_class: type, specials: dict[str, str]) -> PreTrainedToken
     punctuation: "hyper-parameters" is not one piece.
     """
     pipeline = tokenizer_class(**specials).backend_tokenizer
+    special_tokens = _tokens(specials)
     trainer = UnigramTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(dict.fromkeys(specials.values())),
+        special_tokens=special_tokens,
         unk_token=specials["unk_token"],
+        show_progress=False,
     )
     vocab = _train(Unigram(), trainer, pipeline, pre_tokenizers.Punctuation())["vocab"]
-    return tokenizer_class(vocab=[tuple(piece) for piece in vocab], **specials)
+    pieces = _stable_pieces([tuple(piece) for piece in vocab[len(special_tokens) :]])
+    return tokenizer_class(vocab=[(token, 0.0) for token in special_tokens] + pieces, **specials)
+
+
+def _stable_pieces(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The Unigram trainer's pieces, with the scores and order it leaves to chance made deterministic.
+
+    The trainer puts back the characters that training dropped with the scores floor + k * 1e-4
+    (k = 0, 1, ...), taking the characters in hash order: they get these scores in alphabetical order
+    instead. Its other scores vary in their last bits: they are rounded. Ties are sorted by piece.
+    """
+    floor = min(score for _, score in pieces)
+    steps = {piece: (score - floor) / 1e-4 for piece, score in pieces}
+    put_back = sorted(piece for piece, step in steps.items() if len(piece) == 1 and abs(step - round(step)) < 1e-6)
+    scores = dict(pieces) | {piece: floor + k * 1e-4 for k, piece in enumerate(put_back)}
+    return sorted(((piece, round(score, 6)) for piece, score in scores.items()), key=lambda p: (-p[1], p[0]))
 
 
 def _modernbert(specials: dict[str, str]) -> PreTrainedTokenizerBase:
@@ -198,20 +226,23 @@ def _modernbert(specials: dict[str, str]) -> PreTrainedTokenizerBase:
     ModernBERT has no tokenizer class of its own: transformers loads its tokenizer.json as is into a
     `TokenizersBackend`, so the whole pipeline, post-processor included, is set here.
     """
+    special_tokens = _tokens(specials)
     backend = Tokenizer(BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokens = list(dict.fromkeys(specials.values()))
-    backend.train_from_iterator(
-        CORPUS,
-        BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    trainer = BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
+    backend.train_from_iterator(CORPUS, trainer)
     cls, sep = specials["cls_token"], specials["sep_token"]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0",
         pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, tokens.index(cls)), (sep, tokens.index(sep))],
+        special_tokens=[(cls, special_tokens.index(cls)), (sep, special_tokens.index(sep))],
     )
     return TokenizersBackend(tokenizer_object=backend, **specials)
 
@@ -249,7 +280,7 @@ def tiny_config(family: str, vocab_size: int, **overrides) -> PreTrainedConfig:
     `build_tokenizer`'s tokenizer. `overrides` are passed to the configuration last.
     """
     config_class = CONFIG_MAPPING[family]
-    specials = _special_tokens(family)
+    specials = _tokens(_SPECIALS[family])
     token_ids = {
         f"{role}_id": specials.index(token)
         for role, token in _SPECIALS[family].items()

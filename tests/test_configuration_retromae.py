@@ -1,7 +1,9 @@
-"""RetroMAEConfig: the authors' defaults, validation at the boundary, round trips."""
+"""RetroMAEConfig: the authors' defaults, any encoder family, validation at the boundary, round trips."""
+
+import json
 
 import pytest
-from transformers import AutoConfig, BertConfig
+from transformers import AutoConfig, BertConfig, ModernBertConfig, RobertaConfig
 
 from retromae import RetroMAEConfig
 
@@ -10,15 +12,13 @@ def test_defaults_are_the_authors():
     config = RetroMAEConfig()
     assert config.model_type == "retromae"
     assert (config.encoder_mask_ratio, config.decoder_mask_ratio, config.num_decoder_layers) == (0.30, 0.50, 1)
-    assert config.max_position_embeddings == 512
-    assert config.to_dict()["hidden_size"] == BertConfig().hidden_size
+    assert isinstance(config.encoder, BertConfig)
+    assert config.encoder.to_dict() == BertConfig().to_dict()
 
 
-def test_auto_map_points_every_auto_class_at_the_remote_code():
+def test_auto_map_points_the_pretraining_classes_at_the_remote_code():
     assert RetroMAEConfig().auto_map == {
         "AutoConfig": "configuration_retromae.RetroMAEConfig",
-        "AutoModel": "modeling_retromae.RetroMAEModel",
-        "AutoModelForMaskedLM": "modeling_retromae.RetroMAEForMaskedLM",
         "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
     }
 
@@ -39,18 +39,23 @@ def test_invalid_values_raise_value_error_naming_field_and_value(fields, message
         RetroMAEConfig(**fields)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    config = RetroMAEConfig(num_hidden_layers=3, encoder_mask_ratio=0.15, decoder_mask_ratio=0.7)
+@pytest.mark.parametrize("encoder", [BertConfig(num_hidden_layers=3), RobertaConfig(num_hidden_layers=3), ModernBertConfig(num_hidden_layers=3)])
+def test_save_and_load_round_trip_for_any_encoder(tmp_path, encoder):
+    config = RetroMAEConfig(encoder=encoder, encoder_mask_ratio=0.15, decoder_mask_ratio=0.7)
     config.save_pretrained(tmp_path)
     loaded = RetroMAEConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
+    assert type(loaded.encoder) is type(encoder) and loaded.encoder.num_hidden_layers == 3
     assert (tmp_path / "configuration_retromae.py").exists()
     remote = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(remote).__name__ == "RetroMAEConfig"
     assert remote.decoder_mask_ratio == 0.7
 
 
-def test_saved_config_reads_as_a_bert_config(tmp_path):
-    RetroMAEConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=4).save_pretrained(tmp_path)
-    bert = BertConfig.from_pretrained(tmp_path)
-    assert (bert.num_hidden_layers, bert.hidden_size) == (3, 96)
+def test_a_config_of_an_earlier_version_reads_as_a_bert_encoder(tmp_path):
+    """Earlier versions saved BERT's fields at the top level of a `retromae` config.json."""
+    flat = BertConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=4).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(flat | {"model_type": "retromae", "decoder_mask_ratio": 0.6}))
+    config = RetroMAEConfig.from_pretrained(tmp_path)
+    assert isinstance(config.encoder, BertConfig)
+    assert (config.encoder.num_hidden_layers, config.encoder.hidden_size, config.decoder_mask_ratio) == (3, 96, 0.6)

@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, BertForMaskedLM, BertModel
 
 from retromae import RetroMAEForPreTraining
-from retromae.hub import CardError, ReleaseError, convert, export_bert, release
+from retromae.hub import CardError, ReleaseError, convert, export_plain, release
 from retromae.pretrain import release_encoder
 
 from conftest import MINILM_PATH, TEXTS, place_in_hub_cache
@@ -223,7 +223,7 @@ def test_bad_input_is_refused_before_anything_is_written_or_sent(model_dir, tmp_
 
 def test_a_bert_folder_is_sent_to_convert_and_pickles_are_refused(tmp_path, tiny_config, tokenizer):
     bert = tmp_path / "bert"
-    BertModel(tiny_config.to_bert_config()).save_pretrained(bert)
+    BertModel(tiny_config.encoder).save_pretrained(bert)
     with pytest.raises(ReleaseError, match="retromae convert"):
         release(bert, "org/x", dry_run=tmp_path / "repo")
     pickled = tmp_path / "pickled"
@@ -265,7 +265,7 @@ def test_released_repository_loads_by_repo_id_and_revision_from_an_offline_hub_c
 
 def test_convert_keeps_a_bert_for_masked_lm_and_exports_back_to_plain_bert(tmp_path, tiny_config, tokenizer):
     torch.manual_seed(0)
-    bert = BertForMaskedLM(tiny_config.to_bert_config())
+    bert = BertForMaskedLM(tiny_config.encoder)
     bert.save_pretrained(tmp_path / "authors")
     tokenizer.save_pretrained(tmp_path / "authors")
     assert convert(str(tmp_path / "authors"), tmp_path / "converted") is True
@@ -278,7 +278,7 @@ def test_convert_keeps_a_bert_for_masked_lm_and_exports_back_to_plain_bert(tmp_p
     assert torch.equal(head, bert.cls.predictions.transform.dense.weight)
     assert files_in(Path(release(tmp_path / "converted", "org/converted", dry_run=tmp_path / "repo"))) == EXPECTED_FILES
 
-    export_bert(str(tmp_path / "converted"), tmp_path / "plain")
+    export_plain(str(tmp_path / "converted"), tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert config["model_type"] == "bert" and "auto_map" not in config
     assert not list((tmp_path / "plain").glob("*.py"))
@@ -293,7 +293,7 @@ def test_convert_real_minilm_weights_gives_identical_encoder_outputs(tmp_path, t
         reference = expected(**inputs).last_hidden_state
         converted = AutoModel.from_pretrained(tmp_path / "converted", trust_remote_code=True).eval()(**inputs).last_hidden_state
     assert torch.allclose(converted, reference, atol=1e-6)
-    export_bert(str(tmp_path / "converted"), tmp_path / "plain")
+    export_plain(str(tmp_path / "converted"), tmp_path / "plain")
     with torch.no_grad():
         plain = BertModel.from_pretrained(tmp_path / "plain", add_pooling_layer=False).eval()(**inputs).last_hidden_state
     assert torch.allclose(plain, reference, atol=1e-6)

@@ -115,7 +115,7 @@ def test_a_folder_that_is_not_a_bert_tokenizer_is_refused(corpus, tmp_path, caps
 
 
 def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capfd, no_transformers_warnings):
-    BertModel(tiny_config.to_bert_config()).save_pretrained(tmp_path / "bert")
+    BertModel(tiny_config.encoder).save_pretrained(tmp_path / "bert")
     model = pretrain.load_base_model(str(tmp_path / "bert"), "sdpa", {"encoder_mask_ratio": 0.2})
     assert transformers_logging.get_verbosity() == transformers_logging.WARNING
     assert model.config.encoder_mask_ratio == 0.2
@@ -126,7 +126,7 @@ def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capf
 
 
 def test_the_fresh_decoder_of_a_checkpoint_follows_the_seed(tiny_config, tokenizer, tmp_path):
-    BertModel(tiny_config.to_bert_config()).save_pretrained(tmp_path / "bert")
+    BertModel(tiny_config.encoder).save_pretrained(tmp_path / "bert")
     tokenizer.save_pretrained(tmp_path / "bert")
     parser = build_parser()
     decoders = []

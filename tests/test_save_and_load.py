@@ -131,7 +131,7 @@ def test_real_bert_checkpoint_gives_the_same_hidden_states(minilm_path, tokenize
 
 
 def test_pretraining_starts_from_a_bert_for_masked_lm_checkpoint(tmp_path, tiny_config):
-    bert_config = tiny_config.to_bert_config()
+    bert_config = tiny_config.encoder
     source = BertForMaskedLM(bert_config)
     source.save_pretrained(tmp_path / "bert")
     model = RetroMAEForPreTraining.from_pretrained(tmp_path / "bert")
