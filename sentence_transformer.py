@@ -1,5 +1,6 @@
-"""A RetroMAE encoder as a sentence-transformers model: the final [CLS] state, as in the paper."""
+"""A RetroMAE encoder as a sentence-transformers model: the final first-token state, as in the paper."""
 
+import json
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
@@ -13,9 +14,9 @@ def to_sentence_transformer(
     similarity: str = "cosine",
 ) -> SentenceTransformer:
     """
-    A `SentenceTransformer` over a RetroMAE (or plain BERT) checkpoint with CLS pooling.
+    A `SentenceTransformer` over a RetroMAE (or plain encoder) checkpoint with first-token (CLS) pooling.
 
-    The embedding is the encoder's final [CLS] state with no pooler layer, the vector RetroMAE
+    The embedding is the encoder's final first-token state ([CLS] or <s>) with no pooler layer, the vector RetroMAE
     trains for retrieval; `normalize` adds unit-length normalisation.
     """
     remote_code = {"trust_remote_code": True}
@@ -33,10 +34,15 @@ def to_sentence_transformer(
 
 
 def load_sentence_transformer(model_name_or_path: str) -> SentenceTransformer:
-    """A SentenceTransformer as saved (its own pooling), or CLS pooling for a bare BERT / RetroMAE folder."""
+    """A SentenceTransformer as saved (its own pooling), or first-token pooling for a bare encoder / RetroMAE folder."""
     path = Path(model_name_or_path)
     if path.is_dir() and not (path / "modules.json").is_file():
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a model folder (no config.json).")
+        if "encoder" in json.loads((path / "config.json").read_text()):
+            raise ValueError(
+                f"{path} is a RetroMAE pre-training checkpoint (encoder and decoder): embed with the released encoder "
+                f"(OUTPUT_DIR/model), or write one with `retromae convert {path} DST`."
+            )
         return to_sentence_transformer(str(path))
     return SentenceTransformer(model_name_or_path, trust_remote_code=True)

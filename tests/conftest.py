@@ -1,5 +1,6 @@
 """Shared fixtures: the real bert-base-uncased tokenizer, tiny seeded models, an offline Hub."""
 
+import json
 import logging
 import os
 import shutil
@@ -78,6 +79,28 @@ def batch(tokenizer):
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+# The remote-code map of configs written by earlier versions of the package (flat BERT fields, model type retromae).
+LEGACY_AUTO_MAP = {
+    "AutoConfig": "configuration_retromae.RetroMAEConfig",
+    "AutoModel": "modeling_retromae.RetroMAEModel",
+    "AutoModelForMaskedLM": "modeling_retromae.RetroMAEForMaskedLM",
+    "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
+}
+
+
+def write_legacy_checkpoint(model, folder: Path, with_decoder: bool = True) -> None:
+    """Save a BERT RetroMAEForPreTraining as earlier versions did: BERT fields flat in config.json, `bert.`/`cls.`/`decoder.` keys."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.encoder.to_dict() | {k: getattr(model.config, k) for k in ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding")}
+    config |= {"model_type": "retromae", "auto_map": LEGACY_AUTO_MAP, "architectures": ["RetroMAEForPreTraining"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = {key.removeprefix("encoder."): tensor.clone().contiguous() for key, tensor in model.state_dict().items()}
+    weights = {key: tensor for key, tensor in weights.items() if with_decoder or not key.startswith("decoder.")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def place_in_hub_cache(cache: Path, repo_id: str, revisions: dict[str, Path], main: str) -> None:

@@ -5,7 +5,7 @@ trained by the `tokenizers` library on `CORPUS` and wrapped in the transformers 
 real checkpoints load as, and a 2-layer, 32-wide random model saved with the family's own class. The
 tests use them to run the code on every architecture without the Hub.
 
-This module must not import `retromae`: subprocesses that check loading without it import it too.
+It must not import `retromae`: subprocesses that load checkpoints without `retromae` use it too.
 """
 
 import json
@@ -85,10 +85,11 @@ CORPUS = [
     "Finally, the experiment confirmed the hypothesis beyond reasonable doubt.",
 ]
 
-VOCAB_SIZE = 400  # The trainers' target; Unigram may stop a little short of it on this small corpus.
+VOCAB_SIZE = 400  # Of every tokenizer, special tokens included.
+MAX_LENGTH = 128  # Usable positions of every tiny model, and the tokenizers' model_max_length.
 
-# Each tokenizer kind's special tokens, by role, in vocabulary order (ids 0, 1, 2, ...), as the real
-# checkpoints order them. A token playing several roles (RoBERTa's <s> is bos and cls) keeps one id.
+# Each family's special tokens by role, in id order from 0 (in the real checkpoints' relative order). A
+# token with several roles (RoBERTa's <s> is bos and cls) has one id.
 _WORDPIECE_SPECIALS = {
     "pad_token": "[PAD]",
     "unk_token": "[UNK]",
@@ -131,8 +132,6 @@ _SPECIALS = {
         "mask_token": "[MASK]",
     },
 }
-
-MAX_LENGTH = 128  # Usable positions of every tiny model, and the tokenizers' model_max_length.
 
 
 def _tokens(specials: dict[str, str]) -> list[str]:

@@ -71,7 +71,7 @@ def test_a_relevant_document_below_rank_ten_counts_for_recall_but_not_mrr(tmp_pa
 
 def test_cli_scores_a_retromae_folder_and_writes_json(tmp_path, tiny_config, tokenizer, capsys):
     model_folder = tmp_path / "retromae"
-    RetroMAEForMaskedLM(tiny_config).save_pretrained(model_folder)
+    RetroMAEForMaskedLM(tiny_config.encoder).save_pretrained(model_folder)
     tokenizer.save_pretrained(model_folder)
     corpus = {f"doc{i}": text for i, text in enumerate(["cats purr softly", "dogs bark loudly", "rivers flow to the sea"])}
     data = write_beir(tmp_path / "beir", corpus, {"q1": "which animal purrs", "q2": "where do rivers go"}, [("q1", "doc0", 1), ("q2", "doc2", 1)])

@@ -29,7 +29,7 @@ PAIRS = [
 @pytest.fixture
 def base_model(tmp_path, tiny_config, tokenizer):
     folder = tmp_path / "base"
-    RetroMAEForMaskedLM(tiny_config).save_pretrained(folder)
+    RetroMAEForMaskedLM(tiny_config.encoder).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -301,12 +301,12 @@ def test_convert_real_minilm_weights_gives_identical_encoder_outputs(tmp_path, t
 
 @pytest.mark.parametrize(
     "source, message",
-    [("missing-folder", "is not a model folder or a Hub model id"), ("roberta", "holds a 'roberta' model")],
+    [("missing-folder", "is not a model folder or a Hub model id"), ("gpt2", "holds a 'gpt2' model; expected one of bert, roberta")],
 )
-def test_convert_refuses_what_is_not_bert(tmp_path, source, message):
-    if source == "roberta":
+def test_convert_refuses_what_is_not_a_supported_encoder(tmp_path, source, message):
+    if source == "gpt2":
         (tmp_path / source).mkdir()
-        (tmp_path / source / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+        (tmp_path / source / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ReleaseError, match=message):
         convert(str(tmp_path / source), tmp_path / "out")
     assert not (tmp_path / "out").exists()
