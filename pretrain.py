@@ -323,7 +323,9 @@ def checkpoint_model_type(name: str) -> str:
         config, _ = PreTrainedConfig.get_config_dict(name)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model {name}: not a model checkpoint ({error}).") from None
-    return config.get("model_type", "")
+    if not config.get("model_type"):
+        raise UsageError(f"--model {name}: not a model checkpoint (no config.json naming a model_type).")
+    return config["model_type"]
 
 
 def family_check(name: str, model_type: str) -> None:
