@@ -418,10 +418,14 @@ class RetroMAEDecoder(nn.Module):
 
 
 def decoder_config(config: RetroMAEConfig) -> BertConfig:
-    """The decoder layer's settings: BERT's layer at the encoder's width, activation and initialisation."""
-    encoder = config.encoder
+    """
+    The decoder layer's settings: BERT's layer at the encoder's width, activation and initialisation.
+
+    A setting the family does not configure (DistilBERT's LayerNorm epsilon) takes BERT's default.
+    """
+    encoder, defaults = config.encoder, BertConfig()
     names = encoder_family(encoder.model_type).config_names
-    decoder = BertConfig(**{name: getattr(encoder, names.get(name, name)) for name in DECODER_FIELDS})
+    decoder = BertConfig(**{name: getattr(encoder, names.get(name, name), getattr(defaults, name)) for name in DECODER_FIELDS})
     decoder._attn_implementation = config._attn_implementation
     return decoder
 
@@ -475,7 +479,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         self.encoder = encoder if encoder is not None else AutoModelForMaskedLM.from_config(config.encoder)
         rotary_base = self.family.rotary_base(config.encoder) if self.family.rotary else None
         self.decoder = RetroMAEDecoder(decoder_config(config), config.num_decoder_layers, rotary_base)
-        self._register_load_state_dict_pre_hook(rename_legacy_keys)
+        self.register_load_state_dict_pre_hook(rename_legacy_keys)
         self.post_init()
 
     @classmethod

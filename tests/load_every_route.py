@@ -2,8 +2,9 @@
 
     python tests/load_every_route.py REPO_ID TEXTS_JSON OUTPUT_JSON
 
-Writes, for every route, the class it gave, the [CLS] embedding of the texts and the warnings
-transformers logged while loading. Standard input is closed by the caller, so a route that
+Writes, for every route, the class it gave, the first-token embedding of the texts and the
+warnings transformers logged while loading. The family's own classes (`BertModel`,
+`RobertaForMaskedLM`, ...) are those transformers maps the repository's model type to. Standard input is closed by the caller, so a route that
 stops to ask whether to trust remote code fails instead of waiting.
 """
 
@@ -13,7 +14,8 @@ import sys
 
 import torch
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
 from transformers.utils import logging as transformers_logging
 
 
@@ -37,15 +39,18 @@ def main(repo_id: str, texts: list[str]) -> dict:
     transformers_logging.set_verbosity_warning()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    config_class = type(AutoConfig.from_pretrained(repo_id))
+    base, masked_lm = MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
     loaders = {
         "SentenceTransformer": lambda: SentenceTransformer(repo_id),
         "AutoModel": lambda: AutoModel.from_pretrained(repo_id),
-        "AutoModel(add_pooling_layer=False)": lambda: AutoModel.from_pretrained(repo_id, add_pooling_layer=False),
-        "BertModel": lambda: BertModel.from_pretrained(repo_id),
-        "BertForMaskedLM": lambda: BertForMaskedLM.from_pretrained(repo_id),
+        base.__name__: lambda: base.from_pretrained(repo_id),
+        masked_lm.__name__: lambda: masked_lm.from_pretrained(repo_id),
         "AutoModel(trust_remote_code=True)": lambda: AutoModel.from_pretrained(repo_id, trust_remote_code=True),
         "AutoModelForMaskedLM(trust_remote_code=True)": lambda: AutoModelForMaskedLM.from_pretrained(repo_id, trust_remote_code=True),
     }
+    if "add_pooling_layer" in base.__init__.__code__.co_varnames:
+        loaders["AutoModel(add_pooling_layer=False)"] = lambda: AutoModel.from_pretrained(repo_id, add_pooling_layer=False)
     routes = {"AutoTokenizer": {"class": type(tokenizer).__name__, "warnings": recorder.messages[:]}}
     for route, load in loaders.items():
         recorder.messages.clear()
