@@ -12,8 +12,11 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 # A pre-training checkpoint (encoder, MLM head and decoder) is a model type of its own.
+# `AutoModel` and `AutoModelForMaskedLM` give its encoder, without and with the MLM head.
 AUTO_MAP = {
     "AutoConfig": "configuration_retromae.RetroMAEConfig",
+    "AutoModel": "modeling_retromae.RetroMAECheckpointEncoder",
+    "AutoModelForMaskedLM": "modeling_retromae.RetroMAECheckpointMaskedLM",
     "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
 }
 RETROMAE_FIELDS = ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding")

@@ -60,6 +60,8 @@ from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_con
 
 
 IGNORE_INDEX = -100
+# The keyword arguments of `from_pretrained` that say where a checkpoint's config.json is found.
+HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # sentence-transformers' files for first-token pooling, in the format every version of it reads
 # (and text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
 SENTENCE_TRANSFORMERS_MODULES = [
@@ -470,6 +472,8 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     """
 
     main_input_name = "encoder_input_ids"
+    # The decoder is new in RetroMAE: a checkpoint without it (a release) starts it fresh, as a family's checkpoint does.
+    _keys_to_ignore_on_load_missing = [r"^decoder\."]
     # Checkpoints of earlier versions held the BERT encoder and its head at the top level.
     LEGACY_PREFIXES = {"bert.": "encoder.bert.", "cls.": "encoder.cls."}
 
@@ -483,10 +487,36 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, reading checkpoints of earlier versions (BERT at the top level) too."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        A pre-training model from any checkpoint it can start from.
+
+        A RetroMAE checkpoint (this version's, or an earlier one with BERT at the top level) loads
+        whole. A checkpoint of a supported family (its `...ForMaskedLM` or base-model layout) is read
+        by the family's own `AutoModelForMaskedLM`: its encoder (and MLM head, where it has one)
+        is carried over and the decoder starts fresh. RetroMAE's settings (`encoder_mask_ratio`,
+        ...) may be passed as keyword arguments. With `output_loading_info=True`, the missing keys
+        are named as in this model (`encoder.` + the family's key; the decoder's).
+        """
+        config = kwargs.get("config")
+        hub = {key: kwargs[key] for key in HUB_ARGUMENTS if key in kwargs}
+        model_type = config.model_type if config is not None else PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)[0].get("model_type")
+        if model_type in ENCODER_FAMILIES:
+            return cls.from_encoder_checkpoint(pretrained_model_name_or_path, *args, **kwargs)
         legacy = {f"^{re.escape(old)}": new for old, new in cls.LEGACY_PREFIXES.items()}
-        return super().from_pretrained(*args, **({"key_mapping": legacy} | kwargs))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **({"key_mapping": legacy} | kwargs))
+
+    @classmethod
+    def from_encoder_checkpoint(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
+        """The family's masked-LM model from its checkpoint as the encoder, with a fresh decoder (see `from_pretrained`)."""
+        settings = {name: kwargs.pop(name) for name in RETROMAE_FIELDS if name in kwargs}
+        encoder, info = AutoModelForMaskedLM.from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        config = RetroMAEConfig(encoder=encoder.config, attn_implementation=encoder.config._attn_implementation, **settings)
+        model = cls(config, encoder=encoder)
+        if not output_loading_info:
+            return model
+        decoder_keys = {f"decoder.{key}" for key in model.decoder.state_dict()}
+        return model, info | {"missing_keys": {f"encoder.{key}" for key in info["missing_keys"]} | decoder_keys}
 
     def get_input_embeddings(self):
         return self.encoder.get_input_embeddings()
@@ -615,6 +645,27 @@ def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
     for old, new in RetroMAEForPreTraining.LEGACY_PREFIXES.items():
         for key in [key for key in state_dict if key.startswith(prefix + old)]:
             state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+class RetroMAECheckpointEncoder(RetroMAEPreTrainedModel):
+    """
+    What `AutoModel` gives for a pre-training checkpoint (with `trust_remote_code=True`): its encoder
+    as its family's RetroMAE encoder class, returning the sentence embedding; the decoder is left behind.
+    Only `from_pretrained` is used: the class itself is never built.
+    """
+
+    with_mlm_head = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        pretraining = RetroMAEForPreTraining.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return pretraining.released_encoder(with_mlm_head=cls.with_mlm_head)
+
+
+class RetroMAECheckpointMaskedLM(RetroMAECheckpointEncoder):
+    """What `AutoModelForMaskedLM` gives for a pre-training checkpoint: its encoder with the MLM head, the layout of a release."""
+
+    with_mlm_head = True
 
 
 RetroMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")

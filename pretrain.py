@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForMaskedLM,
     AutoTokenizer,
     BertTokenizer,
     PreTrainedConfig,
@@ -287,52 +286,50 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
     RetroMAEForPreTraining from a checkpoint of a supported family or a RetroMAE pre-training
     checkpoint, saying in one line what was carried over and what starts fresh.
 
-    A family's checkpoint (its `...ForMaskedLM` layout or its base-model layout) is read by the
-    family's own `AutoModelForMaskedLM` class; the decoder, and the MLM head where the checkpoint
-    has none, start fresh. transformers' own load report is replaced by that line: it would list
-    every decoder tensor as missing and call a checkpoint without an MLM head corrupted. An
-    encoder tensor the checkpoint lacks is an error.
+    transformers' own load report is replaced by that line: it would list every decoder tensor as
+    missing and call a checkpoint without an MLM head corrupted. An encoder tensor the checkpoint
+    lacks is an error.
     """
-    model_type = checkpoint_model_type(name)
+    family = encoder_type(name)
+    attention = attn_implementation if supports_sdpa(family) else "eager"
     with quiet_loading():
-        if model_type == "retromae":
-            model, info = RetroMAEForPreTraining.from_pretrained(
-                name, attn_implementation=attn_implementation, output_loading_info=True, **settings
-            )
-            encoder, missing = model.encoder, {key.removeprefix("encoder.") for key in info["missing_keys"]}
-        else:
-            family_check(name, model_type)
-            attention = attn_implementation if supports_sdpa(model_type) else "eager"
-            encoder, info = AutoModelForMaskedLM.from_pretrained(name, attn_implementation=attention, output_loading_info=True)
-            config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
-            model, missing = RetroMAEForPreTraining(config, encoder=encoder), set(info["missing_keys"])
-    missing_encoder = sorted(key for key in missing if key.startswith(encoder.base_model_prefix + "."))
+        model, info = RetroMAEForPreTraining.from_pretrained(name, attn_implementation=attention, output_loading_info=True, **settings)
+    base = f"encoder.{model.encoder.base_model_prefix}."
+    missing = set(info["missing_keys"])
+    missing_encoder = sorted(key.removeprefix("encoder.") for key in missing if key.startswith(base))
     if missing_encoder:
         raise UsageError(
-            f"--model {name}: the checkpoint lacks {len(missing_encoder)} encoder tensors of its {model_type} "
-            f"model ({', '.join(missing_encoder[:3])}, ...): it is not a {model_type} encoder checkpoint."
+            f"--model {name}: the checkpoint lacks {len(missing_encoder)} encoder tensors of its {family} "
+            f"model ({', '.join(missing_encoder[:3])}, ...): it is not a {family} encoder checkpoint."
         )
     if os.environ.get("RANK", "0") == "0":
-        print(load_summary(name, model_type, missing, info["unexpected_keys"]))
+        fresh = [part for part, prefix in (("decoder", "decoder."), ("head", "encoder.")) if any(k.startswith(prefix) for k in missing)]
+        print(load_summary(name, family, fresh, info["unexpected_keys"]))
     return model
 
 
-def checkpoint_model_type(name: str) -> str:
-    """The `model_type` of a checkpoint's config.json; a folder or Hub id without one is a `UsageError`."""
+def encoder_type(name: str) -> str:
+    """The encoder family of a checkpoint (the one inside a RetroMAE pre-training checkpoint); unsupported ones are refused."""
+    config = checkpoint_config(name)
+    model_type = config["model_type"]
+    if model_type == RetroMAEConfig.model_type:
+        model_type = config.get("encoder", {}).get("model_type", "bert")
+    try:
+        encoder_family(model_type)
+    except ValueError as error:
+        raise UsageError(f"--model {name}: {error}") from None
+    return model_type
+
+
+def checkpoint_config(name: str) -> dict:
+    """A checkpoint's config.json; a folder or Hub id without one naming a `model_type` is a `UsageError`."""
     try:
         config, _ = PreTrainedConfig.get_config_dict(name)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model {name}: not a model checkpoint ({error}).") from None
     if not config.get("model_type"):
         raise UsageError(f"--model {name}: not a model checkpoint (no config.json naming a model_type).")
-    return config["model_type"]
-
-
-def family_check(name: str, model_type: str) -> None:
-    try:
-        encoder_family(model_type)
-    except ValueError as error:
-        raise UsageError(f"--model {name}: {error}") from None
+    return config
 
 
 def supports_sdpa(model_type: str) -> bool:
@@ -340,14 +337,11 @@ def supports_sdpa(model_type: str) -> bool:
     return MODEL_FOR_MASKED_LM_MAPPING[CONFIG_MAPPING[model_type]]._supports_sdpa
 
 
-def load_summary(name: str, model_type: str, missing: set[str], unexpected: list[str]) -> str:
+def load_summary(name: str, family: str, fresh: list[str], unexpected: list[str]) -> str:
     """One line: the checkpoint's family, that its encoder was carried over, which parts start fresh, what was left out."""
-    fresh = [FRESH_PARTS["decoder"]] if model_type != "retromae" or any(k.startswith("decoder.") for k in missing) else []
-    if any(not key.startswith("decoder.") for key in missing):
-        fresh.append(FRESH_PARTS["head"])
     return (
-        f"Loaded {name} ({model_type}): encoder from the checkpoint"
-        + "".join(f"; {part} initialised afresh" for part in fresh)
+        f"Loaded {name} ({family}): encoder from the checkpoint"
+        + "".join(f"; {FRESH_PARTS[part]} initialised afresh" for part in fresh)
         + (f"; ignored {len(unexpected)} tensors it has and RetroMAE does not use" if unexpected else "")
         + "."
     )
