@@ -1,13 +1,14 @@
 """Time a RetroMAE training step against its baselines, all in one process on one machine.
 
-Variants, with the same weights and the same batch:
+Variants, with the same weights and the same batch, for an encoder of one family (--family):
   ours       RetroMAEForPreTraining: SDPA, MLM logits only at labelled positions, vectorised masks
   reference  the spec in its most direct form: eager attention, vocabulary logits at every position
-  mlm        BertForMaskedLM on the same encoder with encoder masking only (RetroMAE's floor)
+  mlm        the family's own ...ForMaskedLM (BertForMaskedLM, XLMRobertaForMaskedLM, ModernBertForMaskedLM)
+             on the same encoder with encoder masking only (RetroMAE's floor)
   gemm       square matrix multiplies of the same FLOPs as `ours` (the machine's ceiling)
   compiled   `ours` under torch.compile (with --compile)
 plus collator throughput on one core (ours vs a per-row Python reference, as in the authors' code) and
-embedding throughput (RetroMAEModel vs BertModel). Before anything is timed, the losses of
+embedding throughput (the RetroMAE encoder class vs the family's base model). Before anything is timed, the losses of
 `ours` and `reference` must agree to 1e-4 (in float32, whatever --dtype times).
 
 Memory: the bytes each step keeps for its backward pass (activations, any device), and on a
@@ -16,6 +17,7 @@ GPU the peak allocated memory of one step.
     python benchmarks/benchmark_step.py                 # small config, a few minutes on 2 cores
     python benchmarks/benchmark_step.py --size base     # BERT-base (12 x 768)
     python benchmarks/benchmark_step.py --size base --device cuda --dtype bfloat16 --compile
+    python benchmarks/benchmark_step.py --family modernbert  # or xlm-roberta
     python benchmarks/benchmark_step.py --smoke         # tiny config, a few steps (CI)
 """
 
@@ -29,10 +31,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoTokenizer, BertForMaskedLM, BertModel
+from transformers import AutoConfig, AutoTokenizer
 
-from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining, RetroMAEModel
+from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.pretrain import demo_model_path, hardware
+
+
+FAMILIES = ("bert", "xlm-roberta", "modernbert")
 
 
 SIZES = {
@@ -52,17 +57,25 @@ def synthetic_batch_ids(tokenizer, batch_size: int, seq_length: int, seed: int) 
 
 def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
     """The RetroMAE loss with vocabulary logits at every position (model in eager attention)."""
-    vocab = model.config.vocab_size
+    vocab = model.config.encoder.vocab_size
 
     def dense_mlm_loss(hidden, labels):
-        return F.cross_entropy(model.cls(hidden).view(-1, vocab), labels.view(-1), ignore_index=-100)
+        return F.cross_entropy(model.mlm_head(hidden).view(-1, vocab), labels.view(-1), ignore_index=-100)
 
-    encoder = model.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
-    h_x = encoder.sentence_embedding
+    encoder_states = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+    h_x = encoder_states[:, 0]
     query = model.query_stream(h_x, batch["decoder_input_ids"].shape[1])
     content = model.content_stream(h_x, batch["decoder_input_ids"])
     decoded = model.decoder(query, content, model.attention_bias(batch["decoder_attention_mask"]))
-    return dense_mlm_loss(encoder.last_hidden_state, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
+    return dense_mlm_loss(encoder_states, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
+
+
+def encoder_config(family: str, size: str, tokenizer, seq_length: int):
+    """A random encoder of `family` at `size`, reading the tokenizer's ids, with positions for `seq_length` tokens."""
+    offset = tokenizer.pad_token_id + 1 if family == "xlm-roberta" else 0  # RoBERTa numbers positions from padding_idx + 1
+    return AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(512, seq_length) + offset, **SIZES[size]
+    )
 
 
 def reference_decoder_mask(collator: RetroMAECollator, ids: list[int], generator: random.Random) -> torch.Tensor:
@@ -209,13 +222,12 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
 
     torch.manual_seed(0)
-    config = RetroMAEConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, seq_length), **SIZES[args.size])
+    config = RetroMAEConfig(encoder=encoder_config(args.family, args.size, tokenizer, seq_length))
     # `_from_config` sets the attention implementation on the config it is given: one copy each.
     ours = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device)
     reference = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="eager").to(device)
     reference.load_state_dict(ours.state_dict())
-    mlm = BertForMaskedLM(config.to_bert_config()).to(device)
-    mlm.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("decoder.")})
+    mlm = copy.deepcopy(ours.encoder)  # the family's own ...ForMaskedLM, same weights
 
     collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
     ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
@@ -259,14 +271,12 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
 
     collator_seconds, reference_collator_seconds = collator_seconds_on_one_core(collator, ids, args.repeats)
 
-    encoder = RetroMAEModel(copy.deepcopy(config)).to(device).eval()
-    encoder.load_state_dict(ours.bert.state_dict())
-    bert = BertModel(config.to_bert_config(), add_pooling_layer=False).to(device).eval()
-    bert.load_state_dict(ours.bert.state_dict())
+    encoder = ours.released_encoder(with_mlm_head=False).to(device)
+    family_model = copy.deepcopy(ours.encoder.base_model).eval()
     inputs = dict(input_ids=batch["decoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
     with torch.no_grad(), autocast():
         embed_seconds = interleaved_medians(
-            {"retromae": lambda: encoder(**inputs), "bert": lambda: bert(**inputs)}, args.repeats, args.warmup, synchronize
+            {"retromae": lambda: encoder(**inputs), "family": lambda: family_model(**inputs)}, args.repeats, args.warmup, synchronize
         )
 
     return {
@@ -288,14 +298,14 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
         "reference_collator_examples_per_second": args.batch_size / reference_collator_seconds,
         "collator_speedup": reference_collator_seconds / collator_seconds,
         "embedding_sentences_per_second": {name: args.batch_size / s for name, s in embed_seconds.items()},
-        "retromae_over_bert_embedding_throughput": embed_seconds["bert"] / embed_seconds["retromae"],
+        "retromae_over_family_embedding_throughput": embed_seconds["family"] / embed_seconds["retromae"],
         "saved_for_backward_mib": saved_mib,
         "peak_step_mib": peak_mib,
     }
 
 
 def print_table(report: dict) -> None:
-    print(f"size {report['size']}, batch {report['batch_size']}, {report['dtype']}, {report['machine']}")
+    print(f"{report['family']} {report['size']}, batch {report['batch_size']}, {report['dtype']}, {report['machine']}")
     print("L     ours s  ref s   mlm s   ours/ref ours/mlm comp/mlm FLOP/GEMM collator x  embed  saved MiB ours/mlm")
     for r in report["results"]:
         s, saved = r["step_seconds"], r["saved_for_backward_mib"]
@@ -303,7 +313,7 @@ def print_table(report: dict) -> None:
         print(
             f"{r['seq_length']:<5} {s['ours']:<7.3f} {s['reference']:<7.3f} {s['mlm']:<7.3f} {r['ours_over_reference']:<8.2f} "
             f"{r['ours_over_mlm']:<8.2f} {compiled:<8} {r['achieved_over_gemm_flops']:<9.2f} {r['collator_speedup']:<11.1f} "
-            f"{r['retromae_over_bert_embedding_throughput']:<6.3f} {saved['ours']:.0f}/{saved['mlm']:.0f}"
+            f"{r['retromae_over_family_embedding_throughput']:<6.3f} {saved['ours']:.0f}/{saved['mlm']:.0f}"
         )
         for name, parts in r["step_flops"].items():
             print(f"      {name} GFLOP " + ", ".join(f"{part} {flops / 1e9:.1f}" for part, flops in parts.items()))
@@ -314,6 +324,7 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=FAMILIES, default="bert", help="Encoder family (a random encoder of it). Default: bert.")
     parser.add_argument("--size", choices=["small", "base"], default="small", help="Model size. Default: small (4 x 256).")
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[128, 512], help="Sequence lengths. Default: 128 512.")
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step. Default: 8.")
@@ -333,6 +344,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
     results = [benchmark_length(args, tokenizer, length) for length in args.seq_lengths]
     report = {
+        "family": args.family,
         "size": args.size,
         "batch_size": args.batch_size,
         "dtype": args.dtype,

@@ -179,20 +179,18 @@ def write_fine_tuning_pairs(articles: list[Article], path: Path) -> int:
 def initial_weights(config: RetroMAEConfig, seed: int) -> dict:
     """The encoder + MLM-head weights every variant of a seed starts from."""
     torch.manual_seed(seed)
-    return RetroMAEForMaskedLM(config).state_dict()
+    return RetroMAEForMaskedLM(config.encoder).state_dict()
 
 
 def build_model(objective: str, config: RetroMAEConfig, weights: dict, seed: int) -> torch.nn.Module:
     """The model a variant trains: BertForMaskedLM, or RetroMAE with a decoder seeded alike across variants."""
     torch.manual_seed(seed)
     if objective == "mlm":
-        model = BertForMaskedLM(config.to_bert_config())
+        model = BertForMaskedLM(config.encoder)
         model.load_state_dict(weights)
         return model
     model = RetroMAEForPreTraining(config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not key.startswith("decoder.") for key in missing):
-        raise RuntimeError(f"Initial weights do not fit the encoder: missing {missing}, unexpected {unexpected}.")
+    model.encoder.load_state_dict(weights)
     return model
 
 
@@ -282,9 +280,9 @@ def probe(model: torch.nn.Module, setup: tuple, tokenizer, passages: list[str], 
         if objective == "mlm":
             losses["encoder_loss"].append(step_losses(model, objective, batch)[1])
             continue
-        encoded = model.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"])
-        losses["encoder_loss"].append(model.masked_lm_loss(encoded.last_hidden_state, batch["encoder_labels"]).item())
-        for key, embedding in (("own", encoded.sentence_embedding), ("other", encoded.sentence_embedding.roll(1, dims=0))):
+        encoded = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+        losses["encoder_loss"].append(model.masked_lm_loss(encoded, batch["encoder_labels"]).item())
+        for key, embedding in (("own", encoded[:, 0]), ("other", encoded[:, 0].roll(1, dims=0))):
             decoded = model.decode(embedding, batch["decoder_input_ids"], batch["decoder_attention_mask"])
             losses[f"decoder_loss_{key}_embedding"].append(model.masked_lm_loss(decoded, batch["decoder_labels"]).item())
     figures = {key: statistics.fmean(values) for key, values in losses.items() if values}
@@ -295,7 +293,7 @@ def probe(model: torch.nn.Module, setup: tuple, tokenizer, passages: list[str], 
 
 def save_encoder(folder: Path, config: RetroMAEConfig, weights: dict, tokenizer, record: dict) -> Path:
     """A release-layout folder of the encoder, as `retromae pretrain` writes OUTPUT_DIR/model."""
-    encoder = RetroMAEForMaskedLM(config)
+    encoder = RetroMAEForMaskedLM(config.encoder)
     encoder.load_state_dict(weights)
     save_atomically(folder, lambda path: write_model_files(path, encoder, tokenizer, record))
     return folder

@@ -16,9 +16,11 @@ def test_defaults_are_the_authors():
     assert config.encoder.to_dict() == BertConfig().to_dict()
 
 
-def test_auto_map_points_the_pretraining_classes_at_the_remote_code():
+def test_auto_map_points_every_auto_class_at_the_remote_code():
     assert RetroMAEConfig().auto_map == {
         "AutoConfig": "configuration_retromae.RetroMAEConfig",
+        "AutoModel": "modeling_retromae.RetroMAECheckpointEncoder",
+        "AutoModelForMaskedLM": "modeling_retromae.RetroMAECheckpointMaskedLM",
         "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
     }
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, Trainer, TrainingArguments
+from transformers import BertModel, Trainer, TrainingArguments
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 

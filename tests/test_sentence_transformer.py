@@ -16,7 +16,7 @@ from conftest import TEXTS
 @pytest.mark.parametrize("encoder_class", [RetroMAEModel, RetroMAEForMaskedLM])
 def test_save_pretrained_alone_gives_a_sentence_transformer_with_the_models_embedding(tmp_path, tiny_config, tokenizer, encoder_class):
     folder = tmp_path / "saved"
-    encoder = encoder_class(tiny_config).eval()
+    encoder = encoder_class(tiny_config.encoder).eval()
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"] is True
