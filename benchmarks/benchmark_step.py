@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.pretrain import demo_model_path, hardware
@@ -150,16 +150,19 @@ def training_step(model, optimizer, compute_loss):
 
 
 def flops_by_part(model, compute_loss) -> dict[str, int]:
-    """FLOPs of one forward and backward pass: in all, and in each top-level part of the model (encoder, MLM head, decoder)."""
+    """
+    FLOPs of one forward and backward pass: in all, and in each part of the model (the base
+    encoder, the MLM head, the decoder; the parts of a family's model held as RetroMAE's encoder).
+    """
     with FlopCounterMode(display=False) as counter:
         compute_loss().backward()
+    parts = []
+    for name, child in model.named_children():
+        nested = isinstance(child, PreTrainedModel) and child is not model.base_model
+        parts += [f"{name}.{part}" for part, _ in child.named_children()] if nested else [name]
+    counts = counter.get_flop_counts()
     prefix = type(model).__name__ + "."
-    parts = {
-        name.removeprefix(prefix): sum(ops.values())
-        for name, ops in counter.get_flop_counts().items()
-        if name.startswith(prefix) and "." not in name.removeprefix(prefix)
-    }
-    return {"total": counter.get_total_flops(), **parts}
+    return {"total": counter.get_total_flops(), **{part: sum(counts.get(prefix + part, {}).values()) for part in parts}}
 
 
 def saved_for_backward_mib(compute_loss) -> float:
