@@ -1,4 +1,4 @@
-"""RetroMAE: retrieval-oriented pre-training of BERT-like encoders, native to Hugging Face.
+"""RetroMAE: retrieval-oriented pre-training of masked-LM encoders, native to Hugging Face.
 
 The imports are absolute: this file is the package's `__init__` once installed, and the
 repository's top level, where test runners may import it on its own.
@@ -9,6 +9,7 @@ from transformers import AutoConfig
 from retromae.collator import RetroMAECollator
 from retromae.configuration_retromae import RetroMAEConfig
 from retromae.modeling_retromae import (
+    ENCODER_FAMILIES,
     RetroMAEForMaskedLM,
     RetroMAEForPreTraining,
     RetroMAEForPreTrainingOutput,
@@ -25,6 +26,7 @@ AutoConfig.register(RetroMAEConfig.model_type, RetroMAEConfig)
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENCODER_FAMILIES",
     "RetroMAECollator",
     "RetroMAEConfig",
     "RetroMAEForMaskedLM",

@@ -26,7 +26,7 @@ from .sentence_transformer import load_sentence_transformer
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `retromae finetune`."""
-    parser.add_argument("--model", required=True, help="RetroMAE / BERT folder or Hub id, or any SentenceTransformer.")
+    parser.add_argument("--model", required=True, help="RetroMAE release or encoder checkpoint of a supported family (folder or Hub id), or any SentenceTransformer.")
     parser.add_argument(
         "--train-data",
         required=True,

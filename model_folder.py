@@ -2,8 +2,8 @@
 
 Whatever writes a folder a user loads (`retromae pretrain`'s OUTPUT_DIR/model, `retromae
 convert`, `retromae release`) goes through `write_model_files`, whose layout is the encoder's
-own `save_pretrained`: a BERT checkpoint first, RetroMAE's code as an opt-in, sentence-transformers
-files for [CLS] pooling. `retromae finetune` saves through sentence-transformers, which calls
+own `save_pretrained`: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in,
+sentence-transformers files for first-token pooling. `retromae finetune` saves through sentence-transformers, which calls
 the same `save_pretrained`.
 """
 

@@ -281,34 +281,34 @@ class RetroMAESentenceEmbedding:
         )
 
 
-def released_encoder_classes(model_type: str, model_name: str, masked_lm_name: str) -> tuple[type, type]:
+def released_encoder_classes(model_type: str) -> tuple[type, type]:
     """
     The two encoder classes of one family that `trust_remote_code=True` resolves to.
 
-    `model_name` is the family's base model without a pooler, returning `sentence_embedding`
-    (what `AutoModel` gives); `masked_lm_name` is the family's own `...ForMaskedLM` (what
-    `AutoModelForMaskedLM` gives, the layout of a release). Parameter names are the family's,
-    so its checkpoints load into them and they save as its checkpoints. Pre-training checkpoints
-    also hold the decoder, releases an MLM head, BERT checkpoints a pooler: loading skips those
-    quietly.
+    The first is the family's base model without a pooler, returning `sentence_embedding` (what
+    `AutoModel` gives); the second the family's own `...ForMaskedLM` (what `AutoModelForMaskedLM`
+    gives, the layout of a release). Parameter names are the family's, so its checkpoints load
+    into them and they save as its checkpoints. Releases also hold an MLM head, BERT checkpoints
+    a pooler, pre-training checkpoints of earlier versions the decoder: loading skips those
+    quietly. The paper's BERT keeps the names `RetroMAEModel` and `RetroMAEForMaskedLM`; the
+    other families' classes are named after their own (`RetroMAEXLMRobertaModel`, ...).
     """
     config_class = CONFIG_MAPPING[model_type]
     base_class, masked_lm_class = MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
-    prefix = base_class.base_model_prefix
+    names = ("RetroMAEModel", "RetroMAEForMaskedLM") if model_type == "bert" else (f"RetroMAE{base_class.__name__}", f"RetroMAE{masked_lm_class.__name__}")
+    takes_pooler_flag = "add_pooling_layer" in base_class.__init__.__code__.co_varnames
 
     def without_pooler(self, config, **kwargs):
-        if "add_pooling_layer" in base_class.__init__.__code__.co_varnames:
-            kwargs["add_pooling_layer"] = False
-        base_class.__init__(self, config, **kwargs)
+        base_class.__init__(self, config, **({"add_pooling_layer": False} if takes_pooler_flag else {}), **kwargs)
 
-    model = type(model_name, (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
+    model = type(names[0], (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
         "__init__": without_pooler,
         "__doc__": f"The RetroMAE encoder of a {base_class.__name__}: no pooler, returns the sentence embedding.",
         "__module__": __name__,
         "family_architecture": base_class.__name__,
-        "_keys_to_ignore_on_load_unexpected": [rf"^(?!{prefix}\.)", r"pooler\."],
+        "_keys_to_ignore_on_load_unexpected": [rf"^(?!{base_class.base_model_prefix}\.)", r"pooler\."],
     })
-    masked_lm = type(masked_lm_name, (RetroMAEReleasedEncoder, masked_lm_class), {
+    masked_lm = type(names[1], (RetroMAEReleasedEncoder, masked_lm_class), {
         "__doc__": f"The RetroMAE encoder with its MLM head: a {masked_lm_class.__name__}, the layout of a release.",
         "__module__": __name__,
         "family_architecture": masked_lm_class.__name__,
@@ -319,24 +319,16 @@ def released_encoder_classes(model_type: str, model_name: str, masked_lm_name: s
     return model, masked_lm
 
 
-# The paper's BERT keeps its names; every other family's classes are named after its own.
-RELEASED_ENCODERS = {"bert": released_encoder_classes("bert", "RetroMAEModel", "RetroMAEForMaskedLM")}
-for _model_type in ENCODER_FAMILIES:
-    if _model_type != "bert":
-        _config_class = CONFIG_MAPPING[_model_type]
-        RELEASED_ENCODERS[_model_type] = released_encoder_classes(
-            _model_type,
-            f"RetroMAE{MODEL_MAPPING[_config_class].__name__}",
-            f"RetroMAE{MODEL_FOR_MASKED_LM_MAPPING[_config_class].__name__}",
-        )
+RELEASED_ENCODERS = {model_type: released_encoder_classes(model_type) for model_type in ENCODER_FAMILIES}
 globals().update({cls.__name__: cls for pair in RELEASED_ENCODERS.values() for cls in pair})
 RetroMAEModel, RetroMAEForMaskedLM = RELEASED_ENCODERS["bert"]
 
 
 def release_auto_map(model_type: str) -> dict:
     """The `auto_map` of a release of `model_type`: the encoder classes of that family in this file."""
+    module = __name__.rsplit(".", 1)[-1]
     model, masked_lm = RELEASED_ENCODERS[model_type]
-    return {"AutoModel": f"{__name__.split('.')[-1]}.{model.__name__}", "AutoModelForMaskedLM": f"{__name__.split('.')[-1]}.{masked_lm.__name__}"}
+    return {"AutoModel": f"{module}.{model.__name__}", "AutoModelForMaskedLM": f"{module}.{masked_lm.__name__}"}
 
 
 def rotate(states: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

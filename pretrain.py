@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--max-length",
         type=int,
-        help=f"Tokens per passage, [CLS]/[SEP] included. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
+        help=f"Tokens per passage, the special tokens included; up to what the model's positions allow. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
     )
 
     training = parser.add_argument_group("training")

@@ -152,7 +152,7 @@ def check_release(folder: Path, source: Path) -> None:
     """Load the assembled repository the ways users will, and compare its embeddings with the source's."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), quiet_loading():  # plain BERT loading reports the MLM head as unused
+    with torch.no_grad(), quiet_loading():  # a family's base model reports the MLM head as unused
         released = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()(**inputs).sentence_embedding
         original = load_encoder(source, with_mlm_head=False)(**inputs).sentence_embedding
         compare("AutoModel", released, original)
