@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import finetune, pretrain
 from .data import CorpusError
+from .model_folder import PRETRAINING_FILE
 from .evaluate import METRICS, EvaluationError, evaluate, load_beir, load_model
 from .hub import CardError, ReleaseError, convert, export_plain, release
 from .hub.card import TEMPLATE
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_pretrain(args: argparse.Namespace) -> None:
     release = pretrain.run(args)
     if release is not None:
+        read = json.loads((release / PRETRAINING_FILE).read_text())
+        skipped = f" ({read['skipped_records']:,} bad records skipped)" if read["skipped_records"] else ""
+        print(f"Read {read['records']:,} records{skipped}; trained on {read['passages']:,} passages ({read['passages_from_long_records']} long records).")
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
         print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")

@@ -1,8 +1,6 @@
-"""Pre-training text: the user's corpus files, and the embedded demo corpus (a Wikipedia excerpt).
+"""The embedded demo corpus (a Wikipedia excerpt), and JSON lines read with their line numbers.
 
-Corpus files are plain text (one passage per line) or JSON lines with a `text` field, given
-as files or folders of them; they are read with the `datasets` library, memory-mapped from
-disk or streamed, so a corpus larger than memory works.
+The user's corpora (files, saved datasets, Hub datasets) are read by `corpus.py`.
 """
 
 import bz2
@@ -11,13 +9,10 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 
 
-TEXT_SUFFIXES = (".txt", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
 REFERENCE_SECTIONS = re.compile(
     r"^==+\s*(references|bibliography|see also|external links|further reading|notes|sources|citations)\b", re.I
 )
@@ -26,38 +21,7 @@ MIN_PARAGRAPH_WORDS = 20
 
 
 class CorpusError(ValueError):
-    """A corpus that cannot be read; the message names the file and the problem."""
-
-
-def corpus_files(path: str | os.PathLike) -> tuple[list[str], str]:
-    """The files behind `path` (a file or a folder of them) and their format, `text` or `json`."""
-    path = Path(path)
-    if not path.exists():
-        raise CorpusError(f"Training data not found: {path} does not exist.")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in files if p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES]
-    if not files:
-        raise CorpusError(f"No .txt or .jsonl files in {path}.")
-    kinds = {"json" if p.suffix in JSONL_SUFFIXES else "text" for p in files}
-    if len(kinds) > 1:
-        raise CorpusError(f"{path} mixes plain-text and JSON-lines files; use one format per folder.")
-    for file in files:
-        if file.stat().st_size == 0:
-            raise CorpusError(f"Training data file {file} is empty.")
-    return [str(p) for p in files], kinds.pop()
-
-
-def load_corpus(path: str | os.PathLike, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
-    """A dataset of non-empty `text` passages read from `path`; bad JSON and missing fields raise `CorpusError`."""
-    files, kind = corpus_files(path)
-    if kind == "json":
-        for file in files:
-            check_json_lines(file)
-    dataset = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
-    dataset = dataset.select_columns(["text"]).filter(lambda example: bool(example["text"] and example["text"].strip()))
-    if not streaming and len(dataset) == 0:
-        raise CorpusError(f"Training data {path} holds no text.")
-    return dataset
+    """A corpus that cannot be read; the message names the file (and line or record) and the problem."""
 
 
 def json_lines(path: str | os.PathLike, error: type[Exception] = CorpusError) -> Iterator[tuple[int, object]]:
@@ -70,13 +34,6 @@ def json_lines(path: str | os.PathLike, error: type[Exception] = CorpusError) ->
                 yield number, json.loads(line)
             except json.JSONDecodeError as decode_error:
                 raise error(f"{path}:{number} is not valid JSON ({decode_error.msg}).") from None
-
-
-def check_json_lines(file: str) -> None:
-    """Fail on the first line of `file` that is not a JSON object with a string `text` field."""
-    for number, record in json_lines(file):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise CorpusError(f"{file}:{number} has no string 'text' field.")
 
 
 @dataclass

@@ -29,8 +29,10 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
-from .data import corpus_files, demo_corpus, load_corpus
+from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
+from .data import CorpusError, demo_corpus
 from .model_folder import public_name, quiet_loading, save_atomically, write_model_files
+from .passages import PassageSplitter
 from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
 
 
@@ -47,6 +49,7 @@ FULL_RUN = dict(max_length=512, batch_size=32, max_steps=-1)
 DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 
 RELEASE_FOLDER = "model"
+STREAM_BATCH = 64
 STAGING_FOLDER = ".staging"
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
@@ -74,10 +77,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--train-data",
-        help="Corpus: a .txt file (one passage per line), a .jsonl file with a 'text' field, or a folder of "
-        "them. Default: the embedded demo corpus, an English Wikipedia excerpt (CC BY-SA).",
+        help="Corpus: files or a folder of one format (.txt a record per line, .jsonl/.json, .parquet, .arrow, "
+        ".csv, .tsv; optionally .gz, .bz2, .xz or .zst), a folder saved by datasets.save_to_disk, or a Hub "
+        "dataset id. Default: the embedded demo corpus, an English Wikipedia excerpt (CC BY-SA).",
     )
+    source.add_argument("--text-column", default="text", help="The column or field holding the text (every form but .txt). Default: text.")
+    source.add_argument("--dataset-config", help="The configuration of a Hub dataset (e.g. 20231101.en for wikimedia/wikipedia).")
+    source.add_argument("--dataset-split", default="train", help="The split of a Hub or saved dataset. Default: train.")
     source.add_argument("--streaming", action="store_true", help="Stream the corpus instead of memory-mapping it (needs --max-steps).")
+    source.add_argument(
+        "--shuffle-buffer", type=int, default=10_000, help="Passages a stream is shuffled among (read ahead into a buffer). Default: 10000."
+    )
+    source.add_argument(
+        "--passages",
+        choices=["split", "truncate"],
+        default="split",
+        help="split: cut records longer than --max-length into consecutive passages of whole sentences; "
+        "truncate: keep each record's first --max-length tokens only. Default: split.",
+    )
+    source.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="Count and skip records that cannot be read (not UTF-8, not JSON, no string text) instead of stopping.",
+    )
 
     method = parser.add_argument_group("RetroMAE")
     method.add_argument("--encoder-mask-ratio", type=float, default=0.30, help="Encoder masking ratio (paper: 0.15-0.30). Default: 0.30.")
@@ -137,10 +159,9 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     """Pre-train as `args` say; return the folder of the released encoder (`None` on the other processes)."""
     resolve_defaults(args)
     check_arguments(args)
+    source = resolve_corpus(args.train_data, args.dataset_config, args.dataset_split) if args.train_data else None
     model, tokenizer = build_model_and_tokenizer(args)
-    dataset = load_corpus(args.train_data, streaming=args.streaming) if args.train_data else demo_corpus()
-    if args.streaming:
-        dataset = dataset.shuffle(seed=args.seed, buffer_size=10_000)
+    dataset, records = training_passages(args, source, tokenizer)
     collator = RetroMAECollator(
         tokenizer,
         args.encoder_mask_ratio,
@@ -159,13 +180,55 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossLineProgressCallback)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    try:
+        trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    except CorpusError as error:
+        raise stopped_on_bad_record(trainer, error) from None
     release = Path(args.output_dir) / RELEASE_FOLDER
     if trainer.is_world_process_zero():
-        summary = run_summary(args, trainer, dataset, time.perf_counter() - started)
+        summary = run_summary(args, trainer, source, records, dataset, time.perf_counter() - started)
         release_encoder(trainer.model, tokenizer, release, summary)
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
+
+
+def training_passages(args: argparse.Namespace, source: CorpusSource | None, tokenizer) -> tuple:
+    """
+    The passages to train on and the number of records they came from (for a stream, a function
+    that counts the records read so far).
+
+    With `--passages split` long records are cut into passages (`PassageSplitter`): over the
+    whole corpus before training in `--dataloader-num-workers` processes (cached by `datasets`,
+    so a resumed run does not cut again), or lazily in the data loader for a stream.
+    """
+    if source is None:
+        dataset = demo_corpus()
+    else:
+        dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records)
+    records = streamed_records if args.streaming else len(dataset)
+    if args.passages == "split":
+        splitter = PassageSplitter(tokenizer, args.max_length)
+        if args.streaming:  # small batches: a stream reads ahead no further than it must
+            dataset = dataset.map(splitter, batched=True, batch_size=STREAM_BATCH, remove_columns=["text"])
+        else:
+            workers = args.dataloader_num_workers if args.dataloader_num_workers > 1 else None
+            dataset = dataset.map(splitter, batched=True, remove_columns=["text"], num_proc=workers, desc="Cutting records into passages")
+    if args.streaming:
+        dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+    return dataset, records
+
+
+def stopped_on_bad_record(trainer: Trainer, error: CorpusError) -> CorpusError:
+    """Checkpoint the steps done before a bad record stopped the run, and say how to carry on."""
+    message = str(error).strip().splitlines()[-1].removeprefix(f"{CorpusError.__module__}.CorpusError: ")
+    step = trainer.state.global_step
+    if step == 0:
+        return CorpusError(message)
+    trainer._save_checkpoint(trainer.model, trial=None)
+    return CorpusError(
+        f"{message} The run stopped at step {step}, saved in {Path(trainer.args.output_dir) / f'checkpoint-{step}'}: "
+        "fix the data (or pass --skip-bad-records) and continue with --resume."
+    )
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -201,10 +264,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-length must be at least 3, got {args.max_length}.")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.shuffle_buffer < 1:
+        raise UsageError(f"--shuffle-buffer must be at least 1, got {args.shuffle_buffer}.")
     if args.streaming and args.max_steps < 1:
         raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs by.")
-    if args.train_data:
-        corpus_files(args.train_data)
     check_output_dir(args)
 
 
@@ -455,21 +518,25 @@ class LossLineProgressCallback(ProgressCallback):
         )
 
 
-def run_summary(args: argparse.Namespace, trainer: Trainer, dataset, seconds: float) -> dict:
+def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource | None, records, dataset, seconds: float) -> dict:
     """What the model card reports of this run: data, RetroMAE settings, steps, hardware, time, final losses."""
     losses = [entry for entry in trainer.state.log_history if "encoder_loss" in entry]
+    processes, steps = trainer.args.world_size, trainer.state.global_step
     return {
         "base_model": public_name(args.model) if args.model else f"fresh {args.config} BERT",
-        "corpus": public_name(args.train_data) if args.train_data else DEMO_CORPUS,
-        "datasets": [] if args.train_data else [DEMO_DATASET],
-        "passages": None if args.streaming else len(dataset),
+        "corpus": source.name if source else DEMO_CORPUS,
+        "datasets": [source.hub_id] if source and source.hub_id else [] if source else [DEMO_DATASET],
+        "records": records() if callable(records) else records,
+        "passages": steps * args.batch_size * args.gradient_accumulation_steps * processes if args.streaming else len(dataset),
+        "passages_from_long_records": args.passages,
+        "skipped_records": skipped_records(),
         "encoder_mask_ratio": args.encoder_mask_ratio,
         "decoder_mask_ratio": args.decoder_mask_ratio,
         "enhanced_decoding": args.enhanced_decoding,
         "max_length": args.max_length,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "batch_size": args.batch_size,
-        "processes": trainer.args.world_size,
+        "processes": processes,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate,
         "seed": args.seed,

@@ -73,9 +73,13 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
 def encoder_config(family: str, size: str, tokenizer, seq_length: int):
     """A random encoder of `family` at `size`, reading the tokenizer's ids, with positions for `seq_length` tokens."""
     offset = tokenizer.pad_token_id + 1 if family == "xlm-roberta" else 0  # RoBERTa numbers positions from padding_idx + 1
-    return AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(512, seq_length) + offset, **SIZES[size]
-    )
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), max_position_embeddings=max(512, seq_length) + offset, **SIZES[size])
+    first, separator = tokenizer.cls_token_id, tokenizer.sep_token_id
+    ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": first, "bos_token_id": first, "sep_token_id": separator, "eos_token_id": separator}
+    for name, value in ids.items():
+        if getattr(config, name, None) is not None:  # the family's config has this special token
+            setattr(config, name, value)
+    return config
 
 
 def reference_decoder_mask(collator: RetroMAECollator, ids: list[int], generator: random.Random) -> torch.Tensor:

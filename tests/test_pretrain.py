@@ -220,7 +220,7 @@ def test_help_documents_every_option(capsys, command):
         (lambda tmp, args: args + ["--train-data", str(tmp / "missing.txt")], "missing.txt does not exist"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "empty.txt", ""))], "empty.txt is empty"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "bad.jsonl", '{"text": "ok"}\nnot json\n'))], "bad.jsonl:2 is not valid JSON"),
-        (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl:1 has no string 'text' field"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl:1 has no string 'text'"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--encoder-mask-ratio", "1.5"], "--encoder-mask-ratio must lie strictly between 0 and 1, got 1.5"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--model", str(tmp)], "Give --model or --config, not both"),
     ],
