@@ -32,7 +32,7 @@ class PassageSplitter:
         self.budget = max_length - SPECIAL_TOKENS_PER_PASSAGE
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[list[int]]]:
-        encoded = self.tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         passages = []
         for text, ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"]):
             passages.extend(self.split(text, ids, offsets))

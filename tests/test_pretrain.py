@@ -68,7 +68,8 @@ def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, to
     assert logged and all({"decoder_loss", "tokens_per_second"} <= set(entry) for entry in logged)
     summary = json.loads((release / "retromae_pretraining.json").read_text())
     assert summary["steps"] == 4 and summary["encoder_mask_ratio"] == 0.30 and summary["enhanced_decoding"] is True
-    assert summary["corpus"] == corpus.name and summary["passages"] == len(CORPUS) and summary["processes"] == 1
+    assert summary["corpus"] == corpus.name and summary["records"] == len(CORPUS) and summary["processes"] == 1
+    assert summary["passages"] > len(CORPUS) and summary["passages_from_long_records"] == "split"  # 32 tokens cut them
 
 
 def train_wordpiece(folder, save):
@@ -220,7 +221,7 @@ def test_help_documents_every_option(capsys, command):
         (lambda tmp, args: args + ["--train-data", str(tmp / "missing.txt")], "missing.txt does not exist"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "empty.txt", ""))], "empty.txt is empty"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "bad.jsonl", '{"text": "ok"}\nnot json\n'))], "bad.jsonl:2 is not valid JSON"),
-        (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl:1 has no string 'text'"),
+        (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl has no column 'text' (its columns: body)"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--encoder-mask-ratio", "1.5"], "--encoder-mask-ratio must lie strictly between 0 and 1, got 1.5"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--model", str(tmp)], "Give --model or --config, not both"),
     ],
