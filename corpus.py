@@ -175,7 +175,8 @@ def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Datase
     except Exception as error:  # datasets wraps its readers' errors in several types: find the record in question
         if source.files and skip:
             return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True})
-        locate_bad_record(source, column)
+        if source.files:
+            locate_bad_record(source, column)
         raise CorpusError(f"Training data {source.name} could not be read: {error}") from None
 
 
@@ -202,7 +203,8 @@ def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: s
     if strings and values.null_count == 0:
         return dataset
     if not skip:
-        locate_bad_record(source, column)
+        if source.files:
+            locate_bad_record(source, column)
         first = pc.index(pc.is_null(values), True).as_py() + 1 if strings else 1
         raise CorpusError(f"Training data {source.name}: record {first} has no string {column!r}.")
     if source.files:  # mixed types: read again record by record, counting what is skipped
@@ -213,7 +215,7 @@ def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: s
 
 
 def locate_bad_record(source: CorpusSource, column: str) -> None:
-    """Read the files record by record and raise `CorpusError` naming the first bad one (an error path only)."""
+    """Read the corpus files record by record and raise `CorpusError` naming the first bad one (an error path only)."""
     for _ in stream_texts(shards(source), column, skip=False):
         pass
 
@@ -227,7 +229,8 @@ def shards(source: CorpusSource) -> list[dict]:
 
 
 def stream_texts(shards: list[dict], column: str, skip: bool) -> Iterator[dict]:
-    """`{"text": ...}` for every non-empty text of the shards, each record checked as it is read."""
+    """`{"text": ...}` for every non-empty text of the shards, each record checked as it is read; none at all is an error."""
+    read_before = READ.value
     for shard in shards:
         records = file_records(Path(shard["file"]), shard["format"], column) if "file" in shard else dataset_records(shard, column)
         for where, value in records:
@@ -241,6 +244,9 @@ def stream_texts(shards: list[dict], column: str, skip: bool) -> Iterator[dict]:
                     SKIPPED.value += 1
             else:
                 raise CorpusError(f"{where} {value}" if isinstance(value, BadRecord) else f"{where} has no string {column!r}.")
+    if READ.value == read_before:
+        names = ", ".join(Path(shard.get("file") or shard.get("saved") or shard["hub_id"]).name for shard in shards)
+        raise CorpusError(f"Training data {names} holds no text.")
 
 
 class BadRecord(str):

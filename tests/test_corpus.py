@@ -158,17 +158,19 @@ def tiny_run(train_data, output_dir, *extra):
     ]
 
 
-def test_a_hub_dataset_id_is_loaded_with_its_config_and_split_and_named_in_the_record(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_hub_dataset_id_is_loaded_with_its_config_and_split_and_named_in_the_record(tmp_path, monkeypatch, streaming):
     asked = []
 
     def load_dataset(path, name=None, split=None, streaming=False):
         asked.append((path, name, split, streaming))
-        return datasets.Dataset.from_dict({"text": RECORDS})
+        dataset = datasets.Dataset.from_dict({"text": RECORDS})
+        return dataset.to_iterable_dataset() if streaming else dataset
 
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", load_dataset)
     run = tiny_run("wikimedia/wikipedia", tmp_path / "run", "--dataset-config", "20231101.en", "--dataset-split", "train")
-    assert main(run) == 0
-    assert asked == [("wikimedia/wikipedia", "20231101.en", "train", False)]
+    assert main(run + (["--streaming"] if streaming else [])) == 0
+    assert set(asked) == {("wikimedia/wikipedia", "20231101.en", "train", streaming)}
     record = json.loads((tmp_path / "run" / "model" / "retromae_pretraining.json").read_text())
     assert record["corpus"] == "wikimedia/wikipedia" and record["datasets"] == ["wikimedia/wikipedia"]
     assert record["records"] == len(RECORDS)
@@ -182,10 +184,12 @@ def test_bad_records_stop_the_cli_with_exit_2_and_no_traceback(tmp_path, capsys,
     assert "bad.jsonl:2 is not valid JSON" in error and "Traceback" not in error
 
 
-def test_an_empty_corpus_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["memory-mapped", "streamed"])
+def test_an_empty_corpus_is_refused(tmp_path, capsys, streaming):
     write_lines(tmp_path / "blank.txt", ["", "   "])
-    assert main(tiny_run(tmp_path / "blank.txt", tmp_path / "run")) == 2
-    assert "blank.txt holds no text" in capsys.readouterr().err
+    assert main(tiny_run(tmp_path / "blank.txt", tmp_path / "run", *streaming)) == 2
+    error = capsys.readouterr().err
+    assert "blank.txt holds no text" in error and "Traceback" not in error
 
 
 def test_skipped_records_are_reported_in_the_run_record(tmp_path, capsys):
