@@ -110,7 +110,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
     if release is not None:
         read = json.loads((release / PRETRAINING_FILE).read_text())
         skipped = f" ({read['skipped_records']:,} bad records skipped)" if read["skipped_records"] else ""
-        print(f"Read {read['records']:,} records{skipped}; trained on {read['passages']:,} passages ({read['passages_from_long_records']} long records).")
+        passages = f" in {read['passages']:,} passages" if read["passages"] is not None else ""
+        print(f"Read {read['records']:,} records{passages}{skipped}; trained on {read['passages_trained']:,} passages ({read['passages_from_long_records']} long records).")
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
         print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")

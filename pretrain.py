@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from transformers import (
     AutoTokenizer,
@@ -197,23 +198,26 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     The passages to train on and the number of records they came from (for a stream, a function
     that counts the records read so far).
 
-    With `--passages split` long records are cut into passages (`PassageSplitter`): over the
-    whole corpus before training in `--dataloader-num-workers` processes (cached by `datasets`,
-    so a resumed run does not cut again), or lazily in the data loader for a stream.
+    With `--passages split` long records are cut into passages (`PassageSplitter`). A run with a
+    step budget (`--max-steps`, always the case for a stream) cuts lazily in the data loader,
+    64 records at a time, from a shuffled order of the records, so that training starts at once.
+    A run counted in epochs needs the number of passages first, so it cuts the whole corpus
+    before training, in `--dataloader-num-workers` processes (cached by `datasets`: a resumed
+    run does not cut again).
     """
-    if source is None:
-        dataset = demo_corpus()
-    else:
-        dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records)
+    dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records) if source else demo_corpus()
     records = streamed_records if args.streaming else len(dataset)
-    if args.passages == "split":
-        splitter = PassageSplitter(tokenizer, args.max_length)
-        if args.streaming:  # small batches: a stream reads ahead no further than it must
-            dataset = dataset.map(splitter, batched=True, batch_size=STREAM_BATCH, remove_columns=["text"])
-        else:
-            workers = args.dataloader_num_workers if args.dataloader_num_workers > 1 else None
-            dataset = dataset.map(splitter, batched=True, remove_columns=["text"], num_proc=workers, desc="Cutting records into passages")
-    if args.streaming:
+    lazy = args.streaming or args.max_steps > 0
+    if args.passages == "split" and lazy:
+        if not args.streaming:
+            dataset = dataset.shuffle(seed=args.seed).to_iterable_dataset(num_shards=max(1, args.dataloader_num_workers))
+        dataset = dataset.map(PassageSplitter(tokenizer, args.max_length), batched=True, batch_size=STREAM_BATCH, remove_columns=["text"])
+    elif args.passages == "split":
+        workers = args.dataloader_num_workers if args.dataloader_num_workers > 1 else None
+        dataset = dataset.map(
+            PassageSplitter(tokenizer, args.max_length), batched=True, remove_columns=["text"], num_proc=workers, desc="Cutting records into passages"
+        )
+    if isinstance(dataset, datasets.IterableDataset):
         dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
     return dataset, records
 
@@ -433,6 +437,9 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         save_total_limit=args.save_total_limit,
         report_to=args.report_to,
         remove_unused_columns=False,
+        # Each process draws its own batches: passages cut as they are read make batches of different lengths,
+        # which accelerate's default for iterable data (batches fetched by the main process and concatenated) refuses.
+        accelerator_config={"dispatch_batches": False},
     )
 
 
@@ -527,7 +534,8 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "corpus": source.name if source else DEMO_CORPUS,
         "datasets": [source.hub_id] if source and source.hub_id else [] if source else [DEMO_DATASET],
         "records": records() if callable(records) else records,
-        "passages": steps * args.batch_size * args.gradient_accumulation_steps * processes if args.streaming else len(dataset),
+        "passages": len(dataset) if isinstance(dataset, datasets.Dataset) else None,  # unknown when cut as it is read
+        "passages_trained": steps * args.batch_size * args.gradient_accumulation_steps * processes,
         "passages_from_long_records": args.passages,
         "skipped_records": skipped_records(),
         "encoder_mask_ratio": args.encoder_mask_ratio,
