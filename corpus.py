@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -56,6 +57,7 @@ BUILDERS = {
     "tsv": ("csv", {"delimiter": "\t"}),
 }
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+ARROW_BATCH = 100_000  # records per Arrow compute call
 # Records read from a stream, and bad records skipped with `skip_bad_records`, counted across
 # data-loader workers (forked from this process, so they share the counters).
 READ = multiprocessing.Value("q", 0)
@@ -140,15 +142,31 @@ def load_corpus(
     return dataset
 
 
+def text_batches(dataset: datasets.Dataset) -> Iterator[pa.ChunkedArray]:
+    """The `text` column as Arrow arrays, a batch at a time, in the dataset's order (memory-mapped, no copy)."""
+    for table in dataset.with_format("arrow").iter(batch_size=ARROW_BATCH):
+        yield table.column("text")
+
+
+def first_null(dataset: datasets.Dataset) -> int | None:
+    """The index of the first record without a text, or `None`."""
+    offset = 0
+    for texts in text_batches(dataset):
+        if texts.null_count:
+            return offset + pc.index(pc.is_null(texts), True).as_py()
+        offset += len(texts)
+    return None
+
+
 def without_blank_texts(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The records whose text is more than white space, found with Arrow compute a chunk at a time (no copy of the text)."""
+    """The records whose text is more than white space, found with Arrow compute."""
     kept, offset = [], 0
-    for chunk in dataset.data.column("text").chunks:
-        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0)
-        kept.append(pc.add(pc.indices_nonzero(pc.invert(blank)), offset))
-        offset += len(chunk)
-    indices = pa.concat_arrays(kept) if kept else pa.array([], pa.uint64())
-    return dataset if len(indices) == len(dataset) else dataset.select(indices.to_numpy())
+    for texts in text_batches(dataset):
+        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)
+        kept.append(pc.add(pc.indices_nonzero(pc.invert(blank).combine_chunks()), offset).to_numpy())
+        offset += len(texts)
+    indices = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
+    return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
 def skipped_records() -> int:
@@ -198,15 +216,15 @@ def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: s
     dataset = dataset.select_columns([column])
     if column != "text":
         dataset = dataset.rename_column(column, "text")
-    values = dataset.data.column("text")
-    strings = pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
-    if strings and values.null_count == 0:
+    feature = dataset.features["text"]
+    strings = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    missing = first_null(dataset) if strings else 0
+    if missing is None:
         return dataset
     if not skip:
         if source.files:
             locate_bad_record(source, column)
-        first = pc.index(pc.is_null(values), True).as_py() + 1 if strings else 1
-        raise CorpusError(f"Training data {source.name}: record {first} has no string {column!r}.")
+        raise CorpusError(f"Training data {source.name}: record {missing + 1} has no string {column!r}.")
     if source.files:  # mixed types: read again record by record, counting what is skipped
         return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True})
     kept = dataset.filter(lambda batch: [isinstance(text, str) for text in batch["text"]], batched=True, batch_size=10_000)

@@ -60,11 +60,12 @@ def write_corpora(folder: Path, records: list[str], megabytes: float) -> dict[st
 
 def run_seconds(corpus: Path, output_dir: Path, extra: list[str]) -> float:
     """Wall seconds of a one-step `retromae pretrain` of a tiny model on `corpus`, in a fresh process."""
+    output_dir.mkdir(parents=True)
     command = [
-        sys.executable, "-m", "retromae.cli", "pretrain", "--config", "tiny", "--train-data", str(corpus),
+        sys.executable, "-m", "retromae.cli", "pretrain", "--overwrite-output-dir", "--config", "tiny", "--train-data", str(corpus),
         "--output-dir", str(output_dir), "--max-steps", "1", "--batch-size", "8", "--save-steps", "1000", *extra,
     ]
-    environment = os.environ | {"HF_DATASETS_CACHE": str(output_dir.parent / "datasets-cache")}
+    environment = os.environ | {"HF_DATASETS_CACHE": str(output_dir / "datasets-cache")}  # each run builds its own cache
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
