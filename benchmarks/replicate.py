@@ -249,7 +249,8 @@ def batch_order(passages: list[str], batch_size: int, steps: int, seed: int) -> 
 
 
 def encoder_weights(model: torch.nn.Module) -> dict:
-    return {key: value for key, value in model.state_dict().items() if not key.startswith("decoder.")}
+    """The encoder and its MLM head (BertForMaskedLM's weights), without RetroMAE's decoder."""
+    return (model.encoder if isinstance(model, RetroMAEForPreTraining) else model).state_dict()
 
 
 def sweep_learning_rate(config, tokenizer, passages, probe_passages, args) -> dict:
