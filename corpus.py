@@ -58,6 +58,7 @@ BUILDERS = {
 }
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 ARROW_BATCH = 100_000  # records per Arrow compute call
+HUB_NOTE = " (no such local file or folder, so it was read as a Hub dataset id)"
 # Records read from a stream, and bad records skipped with `skip_bad_records`, counted across
 # data-loader workers (forked from this process, so they share the counters).
 READ = multiprocessing.Value("q", 0)
@@ -195,7 +196,7 @@ def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Datase
             return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True})
         if source.files:
             locate_bad_record(source, column)
-        raise CorpusError(f"Training data {source.name} could not be read: {error}") from None
+        raise CorpusError(f"Training data {source.name} could not be read{HUB_NOTE if source.hub_id else ''}: {error}") from None
 
 
 def saved_split(source: CorpusSource) -> datasets.Dataset:
@@ -358,7 +359,11 @@ def dataset_records(shard: dict, column: str) -> Iterator[tuple[str, object]]:
         source = CorpusSource(name=shard["saved"], saved=Path(shard["saved"]), split=shard["split"])
         dataset, name = saved_split(source).to_iterable_dataset(), shard["saved"]
     else:
-        dataset, name = datasets.load_dataset(shard["hub_id"], shard["config"], split=shard["split"], streaming=True), shard["hub_id"]
+        name = shard["hub_id"]
+        try:
+            dataset = datasets.load_dataset(name, shard["config"], split=shard["split"], streaming=True)
+        except Exception as error:  # not found, offline, gated, no such config or split: datasets raises several types
+            raise CorpusError(f"Training data {name} could not be read{HUB_NOTE}: {error}") from None
     for number, record in enumerate(dataset, start=1):
         if number == 1 and column not in record:
             raise CorpusError(f"Training data {name} has no column {column!r} (its columns: {', '.join(record)}); pass --text-column.")

@@ -251,3 +251,11 @@ def test_the_run_record_counts_records_and_passages(tmp_path, passages, expected
     assert record["records"] == len(RECORDS) + 3
     assert (record["passages"] > record["records"]) == (expected == "more")
     assert record["passages_from_long_records"] == passages
+
+
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["memory-mapped", "streamed"])
+def test_a_name_that_is_neither_a_path_nor_a_reachable_hub_dataset_is_refused_clearly(tmp_path, capsys, streaming):
+    assert main(tiny_run("no-such-corpus", tmp_path / "run", *streaming)) == 2  # the tests run with HF_HUB_OFFLINE=1
+    error = capsys.readouterr().err
+    assert "no-such-corpus could not be read (no such local file or folder, so it was read as a Hub dataset id)" in error
+    assert "Traceback" not in error
