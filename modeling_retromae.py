@@ -281,6 +281,11 @@ class RetroMAESentenceEmbedding:
         )
 
 
+def builds_pooler(model_type: str) -> bool:
+    """Whether the family's base model builds a pooler unless told `add_pooling_layer=False` (BERT, RoBERTa, ...)."""
+    return "add_pooling_layer" in MODEL_MAPPING[CONFIG_MAPPING[model_type]].__init__.__code__.co_varnames
+
+
 def released_encoder_classes(model_type: str) -> tuple[type, type]:
     """
     The two encoder classes of one family that `trust_remote_code=True` resolves to.
@@ -296,7 +301,7 @@ def released_encoder_classes(model_type: str) -> tuple[type, type]:
     config_class = CONFIG_MAPPING[model_type]
     base_class, masked_lm_class = MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
     names = ("RetroMAEModel", "RetroMAEForMaskedLM") if model_type == "bert" else (f"RetroMAE{base_class.__name__}", f"RetroMAE{masked_lm_class.__name__}")
-    takes_pooler_flag = "add_pooling_layer" in base_class.__init__.__code__.co_varnames
+    takes_pooler_flag = builds_pooler(model_type)
 
     def without_pooler(self, config, **kwargs):
         base_class.__init__(self, config, **({"add_pooling_layer": False} if takes_pooler_flag else {}), **kwargs)

@@ -23,6 +23,7 @@ GPU the peak allocated memory of one step.
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import statistics
@@ -31,9 +32,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
+from retromae.modeling_retromae import max_tokens
 from retromae.pretrain import demo_model_path, hardware
 
 
@@ -71,14 +73,15 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
 
 
 def encoder_config(family: str, size: str, tokenizer, seq_length: int):
-    """A random encoder of `family` at `size`, reading the tokenizer's ids, with positions for `seq_length` tokens."""
-    offset = tokenizer.pad_token_id + 1 if family == "xlm-roberta" else 0  # RoBERTa numbers positions from padding_idx + 1
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), max_position_embeddings=max(512, seq_length) + offset, **SIZES[size])
+    """A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for `seq_length` tokens."""
     first, separator = tokenizer.cls_token_id, tokenizer.sep_token_id
     ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": first, "bos_token_id": first, "sep_token_id": separator, "eos_token_id": separator}
-    for name, value in ids.items():
-        if getattr(config, name, None) is not None:  # the family's config has this special token
-            setattr(config, name, value)
+    config_fields = {field.name for field in dataclasses.fields(CONFIG_MAPPING[family])}
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), **SIZES[size], **{name: value for name, value in ids.items() if name in config_fields}
+    )
+    config.max_position_embeddings = max(512, seq_length)
+    config.max_position_embeddings += max(512, seq_length) - max_tokens(config)  # room for the family's position offset
     return config
 
 

@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from ..model_folder import public_name
+from ..modeling_retromae import builds_pooler
 
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
@@ -27,8 +28,6 @@ CITATION = """@inproceedings{xiao2022retromae,
   url       = {https://arxiv.org/abs/2205.12035}
 }"""
 NAMED_SOURCES = ("base_model", "converted_from", "corpus")
-# Families whose base model builds a pooler unless told not to (the card's transformers example says so).
-POOLED_FAMILIES = ("bert", "roberta", "xlm-roberta")
 PRETRAINING_ROWS = {
     "base_model": "initial weights",
     "corpus": "corpus",
@@ -90,7 +89,7 @@ def model_card(
         "citation": CITATION,
         "model_type": encoder["model_type"],
         "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
-        "model_arguments": ", add_pooling_layer=False" if encoder["model_type"] in POOLED_FAMILIES else "",
+        "model_arguments": ", add_pooling_layer=False" if builds_pooler(encoder["model_type"]) else "",
     }
     check_template_fields(Path(template), fields)
     card = ModelCard.from_template(data, template_path=str(template), **fields)

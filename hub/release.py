@@ -135,7 +135,9 @@ def has_mlm_head(source: Path) -> bool:
 def encoder_config(source: Path) -> dict:
     """The family's config of the encoder in `source` (a pre-training checkpoint keeps it under `encoder`)."""
     config = json.loads((source / "config.json").read_text())
-    return config.get("encoder", {"model_type": "bert"} | config) if config.get("model_type") == "retromae" else config
+    if config.get("model_type") != "retromae":
+        return config
+    return config.get("encoder") or config | {"model_type": "bert", "architectures": ["BertForMaskedLM"]}  # earlier versions: BERT, flat
 
 
 def copy_sentence_transformers_pipeline(source: Path, folder: Path) -> None:
