@@ -184,7 +184,7 @@ def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Datase
     """The corpus through `datasets`' own readers (its Arrow cache); on a failure, the first bad record is named."""
     try:
         if source.saved:
-            return saved_split(source)
+            return saved_split(source.saved, source.split)
         if source.hub_id:
             return datasets.load_dataset(source.hub_id, source.config, split=source.split)
         builder, options = BUILDERS[source.format]
@@ -199,12 +199,13 @@ def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Datase
         raise CorpusError(f"Training data {source.name} could not be read{HUB_NOTE if source.hub_id else ''}: {error}") from None
 
 
-def saved_split(source: CorpusSource) -> datasets.Dataset:
-    saved = datasets.load_from_disk(str(source.saved))
+def saved_split(folder: Path, split: str) -> datasets.Dataset:
+    """A `save_to_disk` folder's dataset, or the split of its `DatasetDict`."""
+    saved = datasets.load_from_disk(str(folder))
     if isinstance(saved, datasets.DatasetDict):
-        if source.split not in saved:
-            raise CorpusError(f"{source.saved} has no split {source.split!r} (it has {', '.join(saved)}); pass --dataset-split.")
-        return saved[source.split]
+        if split not in saved:
+            raise CorpusError(f"{folder} has no split {split!r} (it has {', '.join(saved)}); pass --dataset-split.")
+        return saved[split]
     return saved
 
 
@@ -356,8 +357,7 @@ def batch_records(file: Path, schema: pa.Schema, batches, column: str) -> Iterat
 def dataset_records(shard: dict, column: str) -> Iterator[tuple[str, object]]:
     """Records of a saved or Hub dataset, streamed."""
     if shard["saved"]:
-        source = CorpusSource(name=shard["saved"], saved=Path(shard["saved"]), split=shard["split"])
-        dataset, name = saved_split(source).to_iterable_dataset(), shard["saved"]
+        dataset, name = saved_split(Path(shard["saved"]), shard["split"]).to_iterable_dataset(), shard["saved"]
     else:
         name = shard["hub_id"]
         try:

@@ -56,6 +56,16 @@ def folder_model_type(source: str | os.PathLike) -> str:
     return PreTrainedConfig.get_config_dict(str(source))[0].get("model_type", "")
 
 
+def encoder_config_dict(config: dict) -> dict:
+    """
+    The encoder's own config inside a model folder's config.json: a family's checkpoint's as it is,
+    a pre-training checkpoint's `encoder`, or the flat BERT fields of an earlier version's.
+    """
+    if config.get("model_type") != "retromae":
+        return config
+    return config.get("encoder") or config | {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
+
+
 def load_encoder(source: str | os.PathLike, with_mlm_head: bool = True) -> PreTrainedModel:
     """
     The encoder of a model folder or Hub id of any supported family, as its family's release class.

@@ -3,8 +3,8 @@
 A record longer than the model reads is not truncated (its rest would never be seen) but cut
 into consecutive passages. Each passage holds whole sentences; a sentence longer than a passage
 is cut between words, and a word longer than a passage between tokens. The cutting is a
-`datasets.map` (batched, in `num_proc` processes for a memory-mapped corpus, lazily in the data
-loader's workers for a stream), so it runs beside training rather than in the step.
+`datasets.map` (batched: lazily in the data loader for a run with a step budget or a stream, in
+`num_proc` processes before training for a run counted in epochs), so it stays out of the step.
 """
 
 import re

@@ -32,7 +32,7 @@ from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
-from .model_folder import public_name, quiet_loading, save_atomically, write_model_files
+from .model_folder import encoder_config_dict, public_name, quiet_loading, save_atomically, write_model_files
 from .passages import PassageSplitter
 from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
 
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
 
 def training_passages(args: argparse.Namespace, source: CorpusSource | None, tokenizer) -> tuple:
     """
-    The passages to train on and the number of records they came from (for a stream, a function
-    that counts the records read so far).
+    The passages to train on and the number of records they came from (`None` for a stream,
+    whose records are counted as they are read: `streamed_records`).
 
     With `--passages split` long records are cut into passages (`PassageSplitter`). A run with a
     step budget (`--max-steps`, always the case for a stream) cuts lazily in the data loader,
@@ -206,7 +206,7 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     run does not cut again).
     """
     dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records) if source else demo_corpus()
-    records = streamed_records if args.streaming else len(dataset)
+    records = None if args.streaming else len(dataset)
     lazy = args.streaming or args.max_steps > 0
     if args.passages == "split" and lazy:
         if not args.streaming:
@@ -377,10 +377,7 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
 
 def encoder_type(name: str) -> str:
     """The encoder family of a checkpoint (the one inside a RetroMAE pre-training checkpoint); unsupported ones are refused."""
-    config = checkpoint_config(name)
-    model_type = config["model_type"]
-    if model_type == RetroMAEConfig.model_type:
-        model_type = config.get("encoder", {}).get("model_type", "bert")
+    model_type = encoder_config_dict(checkpoint_config(name))["model_type"]
     try:
         encoder_family(model_type)
     except ValueError as error:
@@ -525,7 +522,7 @@ class LossLineProgressCallback(ProgressCallback):
         )
 
 
-def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource | None, records, dataset, seconds: float) -> dict:
+def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource | None, records: int | None, dataset, seconds: float) -> dict:
     """What the model card reports of this run: data, RetroMAE settings, steps, hardware, time, final losses."""
     losses = [entry for entry in trainer.state.log_history if "encoder_loss" in entry]
     processes, steps = trainer.args.world_size, trainer.state.global_step
@@ -533,7 +530,7 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "base_model": public_name(args.model) if args.model else f"fresh {args.config} BERT",
         "corpus": source.name if source else DEMO_CORPUS,
         "datasets": [source.hub_id] if source and source.hub_id else [] if source else [DEMO_DATASET],
-        "records": records() if callable(records) else records,
+        "records": streamed_records() if records is None else records,
         "passages": len(dataset) if isinstance(dataset, datasets.Dataset) else None,  # unknown when cut as it is read
         "passages_trained": steps * args.batch_size * args.gradient_accumulation_steps * processes,
         "passages_from_long_records": args.passages,

@@ -21,7 +21,7 @@ from sentence_transformers import SentenceTransformer
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from ..model_folder import PRETRAINING_FILE, load_encoder, quiet_loading, save_atomically, write_model_files
+from ..model_folder import PRETRAINING_FILE, encoder_config_dict, load_encoder, quiet_loading, save_atomically, write_model_files
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS
 from ..sentence_transformer import load_sentence_transformer
 from .card import TEMPLATE, model_card, public_record
@@ -58,7 +58,8 @@ def release(
     source = check_model_folder(Path(model_dir))
     pretraining_file = source / PRETRAINING_FILE
     pretraining = public_record(json.loads(pretraining_file.read_text())) if pretraining_file.is_file() else None
-    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder_config(source))
+    encoder = encoder_config_dict(json.loads((source / "config.json").read_text()))
+    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder)
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
@@ -130,14 +131,6 @@ def has_mlm_head(source: Path) -> bool:
         with safe_open(file, framework="pt") as weights:
             keys.update(weights.keys())
     return any(key.startswith(prefix) for key in keys) and any(not key.startswith(prefix) for key in keys)
-
-
-def encoder_config(source: Path) -> dict:
-    """The family's config of the encoder in `source` (a pre-training checkpoint keeps it under `encoder`)."""
-    config = json.loads((source / "config.json").read_text())
-    if config.get("model_type") != "retromae":
-        return config
-    return config.get("encoder") or config | {"model_type": "bert", "architectures": ["BertForMaskedLM"]}  # earlier versions: BERT, flat
 
 
 def copy_sentence_transformers_pipeline(source: Path, folder: Path) -> None:
