@@ -10,6 +10,7 @@ from retromae.collator import RetroMAECollator
 from retromae.configuration_retromae import RetroMAEConfig
 from retromae.modeling_retromae import (
     ENCODER_FAMILIES,
+    EnhancedDecodingMask,
     RetroMAEForMaskedLM,
     RetroMAEForPreTraining,
     RetroMAEForPreTrainingOutput,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ENCODER_FAMILIES",
+    "EnhancedDecodingMask",
     "RetroMAECollator",
     "RetroMAEConfig",
     "RetroMAEForMaskedLM",

@@ -1,10 +1,12 @@
-"""Turning text into a RetroMAE pre-training batch: the six tensors `RetroMAEForPreTraining` reads.
+"""Turning text into a RetroMAE pre-training batch: the tensors `RetroMAEForPreTraining` reads.
 
 The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
-the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced BERT-style; every row of the
-enhanced-decoding mask draws its own aggressive pattern and hides its own position. Everything
-is built with tensor operations on a seeded `torch.Generator`, so batches are reproducible and
-cheap enough for one worker to feed a GPU.
+the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced
+BERT-style; every row of the enhanced-decoding mask draws its own aggressive pattern and hides
+its own position. The collator draws the encoder's masking and describes the decoder's mask (the
+words, a seed per example, the share to hide); the model draws that mask on its own device, a
+block of rows at a time, with the same whole-word draw (`WholeWordDraw`), so that a
+(batch, seq, seq) mask is never built on the host or sent to the device.
 
 With a seed, a batch's masks are a pure function of (seed, epoch, the batch's tokens): a run
 draws the same masks again when it is repeated or resumed from a checkpoint, however the data
@@ -14,9 +16,10 @@ loader prefetches, and a new epoch (`set_epoch`) draws new ones.
 import hashlib
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .modeling_retromae import WholeWordDraw
 
 
 IGNORE_INDEX = -100
@@ -35,6 +38,10 @@ class RetroMAECollator:
         max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
         seed: makes masking reproducible: each batch's masks are drawn from a generator seeded
             by (seed, epoch, the batch's token ids). `None` draws from torch's global generator.
+        decoder_mask_patterns: whole-word patterns drawn per example for the enhanced-decoding
+            mask. Up to this many tokens every row has its own; in longer sequences each row takes
+            one of them at random, as the authors' code does (with 256). Either way each row's
+            pattern is a whole-word draw at `decoder_mask_ratio`.
         enhanced_decoding: `False` builds the decoder inputs of the paper's ablation (see
             `RetroMAEConfig.enhanced_decoding`): one copy masked at `decoder_mask_ratio` like the
             encoder's, labels at its masked tokens, and a mask that hides only padding.
@@ -48,9 +55,14 @@ class RetroMAECollator:
         encoder_input_ids (batch, seq), encoder_attention_mask (batch, seq),
         encoder_labels (batch, seq): original ids at masked positions, -100 elsewhere;
         decoder_input_ids (batch, seq): the original ids;
-        decoder_attention_mask (batch, seq, seq): True where query row i may attend to position j;
-        decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding.
-    (Without enhanced decoding the decoder ids are masked and labelled like the encoder's.)
+        decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding;
+        decoder_word_ids (batch, seq): the word of each maskable token, -1 at special tokens and padding;
+        decoder_mask_seeds (batch,): the seed of each example's enhanced-decoding mask;
+        decoder_mask_budget (batch,): the tokens a pattern of that mask hides, round(ratio x maskable tokens);
+        decoder_row_patterns (batch, seq): which of the example's patterns each row of the mask takes.
+    `EnhancedDecodingMask.from_batch(batch).dense()` gives the (batch, seq, seq) mask itself, True
+    where query row i may attend to position j. (Without enhanced decoding the decoder ids are
+    masked and labelled like the encoder's, and there is no mask to describe.)
     """
 
     def __init__(
@@ -61,10 +73,13 @@ class RetroMAECollator:
         max_length: int = 512,
         seed: int | None = None,
         enhanced_decoding: bool = True,
+        decoder_mask_patterns: int = 256,
     ):
         for name, ratio in (("encoder_mask_ratio", encoder_mask_ratio), ("decoder_mask_ratio", decoder_mask_ratio)):
             if not 0.0 < ratio < 1.0:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {ratio!r}.")
+        if decoder_mask_patterns < 1:
+            raise ValueError(f"decoder_mask_patterns must be at least 1, got {decoder_mask_patterns!r}.")
         if max_length < 3:
             raise ValueError(f"max_length must leave room for [CLS], a token and [SEP], got {max_length!r}.")
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
@@ -75,6 +90,7 @@ class RetroMAECollator:
         self.max_length = max_length
         self.seed = seed
         self.enhanced_decoding = enhanced_decoding
+        self.decoder_mask_patterns = decoder_mask_patterns
         self.epoch = 0
         self.vocab_size = len(tokenizer)
         self.is_special = vocabulary_flags(tokenizer.all_special_ids, self.vocab_size)
@@ -86,27 +102,33 @@ class RetroMAECollator:
 
     def __call__(self, examples: Sequence) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self.pad(self.tokenize(examples))
-        content = attention_mask & ~self.is_special[input_ids]  # (batch, seq) maskable tokens
+        word_ids = self.word_ids(input_ids, attention_mask & ~self.is_special[input_ids])  # (batch, seq)
         generator = self.generator_for(input_ids)
-        encoder_input_ids, encoder_labels = self.mask_tokens(input_ids, content, self.encoder_mask_ratio, generator)
+        encoder_seeds, decoder_seeds = torch.randint(1 << 32, (2, len(input_ids)), generator=generator)
+        encoder_input_ids, encoder_labels = self.mask_tokens(input_ids, word_ids, self.encoder_mask_ratio, encoder_seeds, generator)
         encoder = {
             "encoder_input_ids": encoder_input_ids,
             "encoder_attention_mask": attention_mask.long(),
             "encoder_labels": encoder_labels,
         }
         if not self.enhanced_decoding:
-            decoder_input_ids, decoder_labels = self.mask_tokens(input_ids, content, self.decoder_mask_ratio, generator)
-            seq_length = input_ids.shape[1]
-            return encoder | {
-                "decoder_input_ids": decoder_input_ids,
-                "decoder_attention_mask": attention_mask[:, None, :].expand(-1, seq_length, -1).contiguous(),
-                "decoder_labels": decoder_labels,
-            }
+            decoder_input_ids, decoder_labels = self.mask_tokens(input_ids, word_ids, self.decoder_mask_ratio, decoder_seeds, generator)
+            return encoder | {"decoder_input_ids": decoder_input_ids, "decoder_labels": decoder_labels}
         return encoder | {
             "decoder_input_ids": input_ids,
-            "decoder_attention_mask": self.enhanced_decoding_mask(input_ids, content, attention_mask, generator),
-            "decoder_labels": input_ids.masked_fill(~content, IGNORE_INDEX),
+            "decoder_labels": input_ids.masked_fill(word_ids < 0, IGNORE_INDEX),
+            "decoder_word_ids": word_ids,
+            "decoder_mask_seeds": decoder_seeds,
+            "decoder_mask_budget": budget(word_ids, self.decoder_mask_ratio),
+            "decoder_row_patterns": self.row_patterns(input_ids.shape, generator),
         }
+
+    def row_patterns(self, shape: torch.Size, generator: torch.Generator | None) -> torch.LongTensor:
+        """(batch, seq) the pattern each decoder row takes: its own up to `decoder_mask_patterns` rows, one of that many at random beyond."""
+        batch_size, seq_length = shape
+        if seq_length <= self.decoder_mask_patterns:
+            return torch.arange(seq_length).expand(batch_size, -1).contiguous()
+        return torch.randint(self.decoder_mask_patterns, shape, generator=generator)
 
     def generator_for(self, input_ids: torch.LongTensor) -> torch.Generator | None:
         """The generator for one batch: seeded by (seed, epoch, token ids), or `None` for torch's global one."""
@@ -163,10 +185,15 @@ class RetroMAECollator:
         return input_ids, attention_mask
 
     def mask_tokens(
-        self, input_ids: torch.LongTensor, content: torch.BoolTensor, ratio: float, generator: torch.Generator | None
+        self,
+        input_ids: torch.LongTensor,
+        word_ids: torch.LongTensor,
+        ratio: float,
+        seeds: torch.LongTensor,
+        generator: torch.Generator | None,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Whole-word masking at `ratio`, chosen tokens 80% [MASK], 10% random, 10% kept; and the labels."""
-        chosen = self.whole_word_mask(input_ids, content, ratio, 1, generator)[:, 0]
+        chosen = WholeWordDraw(word_ids, seeds, budget(word_ids, ratio)).patterns(torch.zeros(1, dtype=torch.long))[:, 0]
         labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
         draw = torch.rand(input_ids.shape, generator=generator)
         random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
@@ -174,81 +201,16 @@ class RetroMAECollator:
         masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, masked)
         return masked, labels
 
-    def enhanced_decoding_mask(
-        self,
-        input_ids: torch.LongTensor,
-        content: torch.BoolTensor,
-        attention_mask: torch.BoolTensor,
-        generator: torch.Generator | None,
-    ) -> torch.BoolTensor:
-        """
-        The position-specific attention mask of enhanced decoding (paper §3.3, Eq. 7).
-
-        Row i hides a whole-word pattern drawn for that row at `decoder_mask_ratio`, its own
-        position i, and padding; it sees everything else, [CLS] (the sentence embedding) and
-        [SEP] included, since patterns never take special tokens.
-        """
-        seq_length = input_ids.shape[1]
-        hidden = self.whole_word_mask(input_ids, content, self.decoder_mask_ratio, seq_length, generator)
-        hidden |= torch.eye(seq_length, dtype=torch.bool)  # (batch, seq, seq) a row never sees itself
-        return ~hidden & attention_mask[:, None, :]  # (batch, seq, seq) True = may attend
-
-    def whole_word_mask(
-        self,
-        input_ids: torch.LongTensor,
-        content: torch.BoolTensor,
-        ratio: float,
-        patterns: int,
-        generator: torch.Generator | None,
-    ) -> torch.BoolTensor:
-        """
-        Draw `patterns` independent whole-word masks per sequence: (batch, patterns, seq), True = masked.
-
-        Words are taken in a random order while the tokens chosen stay within round(ratio x N)
-        for N non-special tokens; the first word in that order is always taken, so every
-        sequence with content has at least one masked token.
-        """
-        word_ids, word_lengths = self._words(input_ids, content)  # (batch, seq), (batch, words)
-        budget = (content.sum(1) * ratio).round().clamp(min=1)  # (batch,)
-        order_keys, index_bits = self._random_order_keys(word_lengths, patterns, generator)  # (batch, patterns, words)
-        in_order = torch.from_numpy(np.sort(order_keys.numpy(), axis=-1))
-        words_in_order = (in_order & ((1 << index_bits) - 1)).long()
-        lengths_in_order = word_lengths[:, None].expand(-1, patterns, -1).gather(-1, words_in_order)
-        taken = (lengths_in_order.cumsum(-1) <= budget[:, None, None]).sum(-1, keepdim=True).clamp(min=1)
-        last_key_taken = in_order.gather(-1, taken - 1)  # (batch, patterns, 1)
-        token_keys = order_keys.gather(-1, word_ids[:, None].expand(-1, patterns, -1))  # (batch, patterns, seq)
-        return (token_keys <= last_key_taken) & content[:, None]
-
-    @staticmethod
-    def _random_order_keys(
-        word_lengths: torch.LongTensor, patterns: int, generator: torch.Generator | None
-    ) -> tuple[torch.IntTensor, int]:
-        """
-        Distinct int32 keys whose ascending order is a random order of each sequence's words.
-
-        Each key is a random draw in the high bits and the word's index in the low `index_bits`:
-        sorting the keys (numpy's vectorised sort, an order of magnitude faster than an argsort)
-        gives the order and the word indices at once. Absent words (length 0) get the largest
-        draw, so they come last. Draws have 22 bits or more; a tie, broken by word index, occurs in
-        about one pattern in fifty at 512 tokens and one in three thousand at 128.
-        """
-        num_words = word_lengths.shape[1]
-        index_bits = max(1, (num_words - 1).bit_length())
-        absent = (1 << (31 - index_bits)) - 1
-        draws = torch.randint(absent, (word_lengths.shape[0], patterns, num_words), generator=generator, dtype=torch.int32)
-        draws.masked_fill_(word_lengths[:, None] == 0, absent)
-        return torch.add(torch.arange(num_words, dtype=torch.int32), draws, alpha=1 << index_bits), index_bits
-
-    def _words(self, input_ids: torch.LongTensor, content: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Index of the word each content token belongs to (specials map to a last, empty slot) and word lengths."""
+    def word_ids(self, input_ids: torch.LongTensor, content: torch.BoolTensor) -> torch.LongTensor:
+        """(batch, seq) the index of the word each maskable token belongs to, -1 at special tokens and padding."""
         after_content = torch.nn.functional.pad(content[:, :-1], (1, 0))  # (batch, seq) the previous token is content
         starts = content & (self.starts_word[input_ids] | ~after_content)
-        word_ids = starts.long().cumsum(1) - 1  # (batch, seq)
-        num_words = int(word_ids.max()) + 2
-        word_ids = word_ids.clamp(min=0).masked_fill(~content, num_words - 1)
-        word_lengths = torch.zeros((input_ids.shape[0], num_words), dtype=torch.long)
-        word_lengths.scatter_add_(1, word_ids, content.long())
-        return word_ids, word_lengths
+        return (starts.long().cumsum(1) - 1).masked_fill(~content, -1)
+
+
+def budget(word_ids: torch.LongTensor, ratio: float) -> torch.LongTensor:
+    """(batch,) tokens a pattern takes at `ratio`: round(ratio x maskable tokens), at least one."""
+    return ((word_ids >= 0).sum(1) * ratio).round().long().clamp(min=1)
 
 
 # How vocabularies mark words: WordPiece marks the tokens that continue a word, byte-level BPE (RoBERTa,
@@ -263,7 +225,7 @@ def word_start_flags(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tor
 
     The marker is the one most of the vocabulary carries: `##` (WordPiece) flags continuations,
     `Ġ` (byte-level BPE) or `▁` (SentencePiece) flag word starts. A token right after a special
-    token or at the start always begins a word (`RetroMAECollator._words`), so a text's first
+    token or at the start always begins a word (`RetroMAECollator.word_ids`), so a text's first
     word counts even without its marker. A vocabulary with none of them has a word per token.
     """
     vocabulary = tokenizer.get_vocab()

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -336,6 +336,110 @@ def release_auto_map(model_type: str) -> dict:
     return {"AutoModel": f"{module}.{model.__name__}", "AutoModelForMaskedLM": f"{module}.{masked_lm.__name__}"}
 
 
+# Whole-word masking draws (the collator's encoder masking and the decoder's enhanced-decoding mask).
+#
+# A pattern takes a sequence's words in a random order while their tokens fit in the budget, the
+# first word always. The random order of pattern k of an example comes from keys that are a pure
+# function of (the example's seed, k, the word): a 32-bit integer hash in the high bits and the
+# word's index in the low `WORD_BITS`, so that keys are distinct. A pattern is thus the same
+# whichever device draws it, and whichever other patterns are drawn with it.
+WORD_BITS = 24
+UINT32 = 0xFFFFFFFF
+# Rows of the decoder per block: a block's attention scores (and a block of patterns' keys) stay under this many elements.
+DECODER_BLOCK_SCORES = 2**25
+# Rows of (labelled rows, vocabulary) logits the MLM head computes at a time.
+MLM_HEAD_ROWS = 4096
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors; products stay below 2**63."""
+    x = x & UINT32
+    x = ((x ^ (x >> 16)) * 0x21F0AAAD) & UINT32
+    x = ((x ^ (x >> 15)) * 0x735A2D97) & UINT32
+    return x ^ (x >> 15)
+
+
+def word_keys(seeds: torch.LongTensor, patterns: torch.LongTensor, num_words: int) -> torch.LongTensor:
+    """(batch, patterns, words) distinct keys whose ascending order is a random order of the words, one per (example, pattern)."""
+    pattern_states = mix32(mix32(seeds)[:, None] + patterns)  # (batch, patterns)
+    words = torch.arange(num_words, device=seeds.device)
+    return (mix32(pattern_states[..., None] + mix32(words)) << WORD_BITS) | words
+
+
+class WholeWordDraw:
+    """
+    Whole-word masking patterns of a batch, any number per example, drawn from per-example seeds.
+
+    Args:
+        word_ids: (batch, seq) the word each maskable token belongs to, -1 at special tokens and padding.
+        seeds: (batch,) the examples' seeds.
+        budget: (batch,) tokens a pattern may take: round(ratio x maskable tokens), at least 1.
+    """
+
+    def __init__(self, word_ids: torch.LongTensor, seeds: torch.LongTensor, budget: torch.LongTensor):
+        self.word_ids, self.seeds, self.budget = word_ids, seeds, budget
+        self.maskable = word_ids >= 0
+        self.num_words = int(word_ids.max()) + 1
+        self.word_lengths = torch.zeros((word_ids.shape[0], self.num_words), dtype=torch.long, device=word_ids.device)
+        self.word_lengths.scatter_add_(1, word_ids.clamp(min=0), self.maskable.long())
+
+    def patterns(self, indices: torch.LongTensor) -> torch.BoolTensor:
+        """(batch, patterns, seq) True at the tokens each pattern hides; pattern k of an example is the same whenever drawn."""
+        keys = word_keys(self.seeds, indices, self.num_words)  # (batch, patterns, words)
+        keys.masked_fill_(self.word_lengths[:, None] == 0, torch.iinfo(torch.long).max)  # absent words come last
+        in_order, order = keys.sort(dim=-1)
+        lengths = self.word_lengths[:, None].expand_as(order).gather(-1, order)
+        taken = (lengths.cumsum(-1) <= self.budget[:, None, None]).sum(-1, keepdim=True).clamp(min=1)
+        taken_words = keys <= in_order.gather(-1, taken - 1)  # (batch, patterns, words)
+        return taken_words.gather(-1, self.word_ids.clamp(min=0)[:, None].expand(-1, len(indices), -1)) & self.maskable[:, None]
+
+
+class EnhancedDecodingMask:
+    """
+    The position-specific attention mask of enhanced decoding (paper §3.3, Eq. 7), made block by block.
+
+    Row i hides a whole-word pattern (`WholeWordDraw`), its own position i, and padding; it sees
+    everything else, the sentence embedding at position 0 included, since patterns never take
+    special tokens. `row_patterns` says which of the example's patterns each row takes: its own
+    when the collator draws one per row, one of a pool otherwise (the authors' code draws 256 per
+    example and gives each row one at random). The patterns are drawn once, (batch, patterns, seq);
+    `rows` makes any block of rows of the mask from them. Without a draw (the paper's ablation,
+    no enhanced decoding) the mask hides only padding.
+    """
+
+    def __init__(self, padding: torch.Tensor, draw: WholeWordDraw | None = None, row_patterns: torch.LongTensor | None = None):
+        self.padding, self.row_patterns = padding.bool(), row_patterns
+        self.patterns = None if draw is None else self.draw_patterns(draw, int(row_patterns.max()) + 1)
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "EnhancedDecodingMask":
+        """The mask described by a `RetroMAECollator` batch."""
+        if "decoder_word_ids" not in batch:
+            return cls(batch["encoder_attention_mask"])
+        draw = WholeWordDraw(batch["decoder_word_ids"], batch["decoder_mask_seeds"], batch["decoder_mask_budget"])
+        return cls(batch["encoder_attention_mask"], draw, batch["decoder_row_patterns"])
+
+    def draw_patterns(self, draw: WholeWordDraw, count: int) -> torch.BoolTensor:
+        """(batch, count, seq) the patterns, drawn in blocks that keep their (batch, patterns, words) keys small."""
+        block = max(1, DECODER_BLOCK_SCORES // (len(self.padding) * draw.num_words))
+        indices = torch.arange(count, device=self.padding.device)
+        return torch.cat([draw.patterns(part) for part in indices.split(block)], dim=1)
+
+    def rows(self, rows: torch.LongTensor) -> torch.BoolTensor:
+        """(batch, rows, seq) True where each of `rows` may attend."""
+        visible = self.padding[:, None].expand(-1, len(rows), -1)
+        if self.patterns is None:
+            return visible
+        examples = torch.arange(len(self.padding), device=rows.device)[:, None]
+        hidden = self.patterns[examples, self.row_patterns[:, rows]]  # (batch, rows, seq)
+        hidden |= rows[:, None] == torch.arange(self.padding.shape[1], device=rows.device)  # a row never sees itself
+        return visible & ~hidden
+
+    def dense(self) -> torch.BoolTensor:
+        """The whole (batch, seq, seq) mask, True where query row i may attend to position j."""
+        return self.rows(torch.arange(self.padding.shape[1], device=self.padding.device))
+
+
 def rotate(states: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding: rotate (batch, heads, seq, head) states by (seq, head / 2) angles (RoFormer's halves layout)."""
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # (seq, head)
@@ -343,38 +447,52 @@ def rotate(states: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return states * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-class RotaryCrossAttention(BertCrossAttention):
+class EnhancedDecodingAttention(BertCrossAttention):
     """
-    BERT's cross-attention with rotary positions, for encoders without an absolute position table.
+    BERT's cross-attention with the key and value projections split from the query side.
 
-    Query row i is rotated by i and key j by j, so that a score depends on where the two tokens
-    are relative to each other; the parameters and the attention kernels are BERT's.
+    The keys and values come from the content stream, the same for every query row and every
+    decoder layer's block of rows, so they are projected once (`keys_values`) and each block of
+    query rows attends to them. For encoders without an absolute position table (`rotary_base`
+    given) query row i is rotated by i and key j by j, so that a score depends on where the two
+    tokens are relative to each other; the parameters and the attention kernels are BERT's.
     """
 
-    def __init__(self, config: BertConfig, rotary_base: float):
+    def __init__(self, config: BertConfig, rotary_base: float | None = None):
         super().__init__(config)
         self.rotary_base = rotary_base
 
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        batch, seq_length, _ = hidden_states.shape
-        shape = (batch, seq_length, -1, self.attention_head_size)
-        angles = self.angles(seq_length, hidden_states.device)
-        query = rotate(self.query(hidden_states).view(shape).transpose(1, 2), angles)
-        key = rotate(self.key(encoder_hidden_states).view(shape).transpose(1, 2), angles)
-        value = self.value(encoder_hidden_states).view(shape).transpose(1, 2)
+    def keys_values(self, content_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, heads, seq, head) keys and values of the content stream."""
+        key, value = self.heads(self.key(content_stream)), self.heads(self.value(content_stream))
+        if self.rotary_base is not None:
+            key = rotate(key, self.angles(torch.arange(key.shape[2], device=key.device)))
+        return key, value
+
+    def forward(
+        self, query_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention output of the query stream's `rows` (positions), (batch, rows, hidden)."""
+        query = self.heads(self.query(query_rows))
+        if self.rotary_base is not None:
+            query = rotate(query, self.angles(rows))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        output, weights = attention(
+        output, _ = attention(
             self, query, key, value, attention_mask, dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling
         )
-        return output.reshape(batch, seq_length, -1).contiguous(), weights
+        return output.reshape(query_rows.shape[0], query_rows.shape[1], -1).contiguous()
 
-    def angles(self, seq_length: int, device: torch.device) -> torch.Tensor:
-        """(seq, head / 2) rotation angles: position x inverse frequency."""
-        exponents = torch.arange(0, self.attention_head_size, 2, device=device, dtype=torch.float32) / self.attention_head_size
-        return torch.arange(seq_length, device=device, dtype=torch.float32)[:, None] * self.rotary_base**-exponents
+    def heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, heads, seq, head)."""
+        return states.view(states.shape[0], states.shape[1], -1, self.attention_head_size).transpose(1, 2)
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """(positions, head / 2) rotation angles: position x inverse frequency."""
+        exponents = torch.arange(0, self.attention_head_size, 2, device=positions.device, dtype=torch.float32) / self.attention_head_size
+        return positions.float()[:, None] * self.rotary_base**-exponents
 
 
-class RetroMAEDecoderLayer(GradientCheckpointingLayer):
+class RetroMAEDecoderLayer(nn.Module):
     """
     One layer of enhanced decoding (paper §3.3, Eq. 7-8).
 
@@ -382,38 +500,67 @@ class RetroMAEDecoderLayer(GradientCheckpointingLayer):
     position-specific mask; the residual and LayerNorm are taken on the query stream, then
     BERT's feed-forward block follows. BERT's cross-attention block is exactly this attention;
     for encoders without absolute positions its queries and keys are rotated by position.
+    Every query row is computed on its own, so the layer runs on any block of rows.
     """
 
     def __init__(self, config: BertConfig, rotary_base: float | None = None):
         super().__init__()
         self.attention = BertAttention(config, is_cross_attention=True)
-        if rotary_base is not None:
-            self.attention.self = RotaryCrossAttention(config, rotary_base)
+        self.attention.self = EnhancedDecodingAttention(config, rotary_base)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
     def forward(
-        self, query_stream: torch.Tensor, content_stream: torch.Tensor, enhanced_decoding_mask: torch.Tensor
+        self, query_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
-        attention_output, _ = self.attention(
-            query_stream, encoder_hidden_states=content_stream, encoder_attention_mask=enhanced_decoding_mask
-        )
-        return self.output(self.intermediate(attention_output), attention_output)
+        attended = self.attention.output(self.attention.self(query_rows, key, value, attention_mask, rows), query_rows)
+        return self.output(self.intermediate(attended), attended)
 
 
 class RetroMAEDecoder(nn.Module):
-    """The decoder: `num_decoder_layers` enhanced-decoding layers, one in the paper."""
+    """
+    The decoder: `num_decoder_layers` enhanced-decoding layers, one in the paper.
+
+    The query stream is decoded in blocks of rows, each with its own block of the mask, so that
+    neither the (batch, seq, seq) mask nor the attention scores exist for the whole sequence at
+    once: a block holds at most `DECODER_BLOCK_SCORES` scores. With more than one block (long
+    inputs) or with gradient checkpointing on, a block's activations are recomputed in backward
+    instead of kept.
+    """
+
+    gradient_checkpointing = False  # set by `gradient_checkpointing_enable`
 
     def __init__(self, config: BertConfig, num_layers: int, rotary_base: float | None = None):
         super().__init__()
+        self.config = config
         self.layers = nn.ModuleList([RetroMAEDecoderLayer(config, rotary_base) for _ in range(num_layers)])
 
-    def forward(
-        self, query_stream: torch.Tensor, content_stream: torch.Tensor, enhanced_decoding_mask: torch.Tensor
-    ) -> torch.Tensor:
-        for layer in self.layers:
-            query_stream = layer(query_stream, content_stream, enhanced_decoding_mask)
-        return query_stream
+    def forward(self, query_stream: torch.Tensor, content_stream: torch.Tensor, mask: "EnhancedDecodingMask") -> torch.Tensor:
+        keys_values = [layer.attention.self.keys_values(content_stream) for layer in self.layers]
+        batch, seq_length, _ = query_stream.shape
+        block = max(1, DECODER_BLOCK_SCORES // (batch * self.config.num_attention_heads * seq_length))
+        recompute = torch.is_grad_enabled() and (self.gradient_checkpointing or block < seq_length)
+        decoded = []
+        for start in range(0, seq_length, block):
+            rows = torch.arange(start, min(start + block, seq_length), device=query_stream.device)
+            inputs = (query_stream[:, start : start + block], keys_values, mask, rows)
+            decoded.append(checkpoint(self.decode_rows, *inputs, use_reentrant=False) if recompute else self.decode_rows(*inputs))
+        return torch.cat(decoded, dim=1)
+
+    def decode_rows(self, query_rows: torch.Tensor, keys_values: list, mask: "EnhancedDecodingMask", rows: torch.Tensor) -> torch.Tensor:
+        """The decoder's output at `rows`, drawing that block of the mask."""
+        bias = attention_bias(mask.rows(rows), self.config._attn_implementation, query_rows.dtype)
+        for layer, (key, value) in zip(self.layers, keys_values):
+            query_rows = layer(query_rows, key, value, bias, rows)
+        return query_rows
+
+
+def attention_bias(visible: torch.BoolTensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, rows, seq) mask, True = may attend, in the form the attention function takes: (batch, 1, rows, seq)."""
+    mask = visible[:, None]
+    if attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def decoder_config(config: RetroMAEConfig) -> BertConfig:
@@ -434,8 +581,8 @@ class RetroMAEPreTrainedModel(PreTrainedModel):
     Weight initialisation and loading rules of RetroMAE pre-training models.
 
     The encoder is initialised by its family's own rules; the decoder's layers like BERT's.
-    Flash and flex attention are turned off: the enhanced decoder needs an arbitrary dense
-    (batch, seq, seq) mask, which eager and SDPA attention take and those kernels do not.
+    Flash and flex attention are turned off: the enhanced decoder attends under an arbitrary
+    (batch, rows, seq) mask, which eager and SDPA attention take and those kernels do not.
     """
 
     config_class = RetroMAEConfig
@@ -546,24 +693,36 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         encoder_attention_mask: torch.Tensor,
         encoder_labels: torch.LongTensor,
         decoder_input_ids: torch.LongTensor,
-        decoder_attention_mask: torch.BoolTensor,
         decoder_labels: torch.LongTensor,
+        decoder_word_ids: torch.LongTensor | None = None,
+        decoder_mask_seeds: torch.LongTensor | None = None,
+        decoder_mask_budget: torch.LongTensor | None = None,
+        decoder_row_patterns: torch.LongTensor | None = None,
         return_logits: bool = False,
     ) -> RetroMAEForPreTrainingOutput:
         """
         Compute the RetroMAE loss for one batch.
 
-        `decoder_attention_mask` is the (batch, seq, seq) enhanced-decoding mask, True where a
-        query row may attend. Without enhanced decoding (`config.enhanced_decoding=False`, the
-        paper's ablation) the collator's decoder inputs are a masked copy and the mask only hides
-        padding. With `return_logits=True` the MLM scores over the whole sequence
-        are returned as well; the losses are the same either way.
+        The enhanced-decoding mask comes as its description (`decoder_word_ids`, the words of the
+        maskable tokens; `decoder_mask_seeds`, one seed per example; `decoder_mask_budget`, the
+        tokens a pattern hides; `decoder_row_patterns`, the pattern each row takes) and is made
+        here, on the model's device, a block of rows at a time (`EnhancedDecodingMask`). Without enhanced decoding (`config.enhanced_decoding=False`,
+        the paper's ablation) the collator's decoder inputs are a masked copy, there is no
+        description, and the decoder's mask only hides padding. With `return_logits=True` the MLM
+        scores over the whole sequence are returned as well; the losses are the same either way.
         """
         encoder_states = self.encoder.base_model(encoder_input_ids, attention_mask=encoder_attention_mask).last_hidden_state
         sentence_embedding = encoder_states[:, 0]  # (batch, hidden) h_X, the first token's final state
         encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
 
-        decoded = self.decode(sentence_embedding, decoder_input_ids, decoder_attention_mask)
+        if self.config.enhanced_decoding and decoder_word_ids is None:
+            raise ValueError(
+                "Enhanced decoding needs the mask's description: decoder_word_ids, decoder_mask_seeds, "
+                "decoder_mask_budget and decoder_row_patterns, as RetroMAECollator makes them."
+            )
+        draw = WholeWordDraw(decoder_word_ids, decoder_mask_seeds, decoder_mask_budget) if self.config.enhanced_decoding else None
+        mask = EnhancedDecodingMask(encoder_attention_mask, draw, decoder_row_patterns)
+        decoded = self.decode(sentence_embedding, decoder_input_ids, mask)
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
 
         return RetroMAEForPreTrainingOutput(
@@ -575,16 +734,14 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
             decoder_logits=self.mlm_head(decoded) if return_logits else None,
         )
 
-    def decode(
-        self, sentence_embedding: torch.Tensor, decoder_input_ids: torch.LongTensor, decoder_attention_mask: torch.BoolTensor
-    ) -> torch.Tensor:
+    def decode(self, sentence_embedding: torch.Tensor, decoder_input_ids: torch.LongTensor, mask: EnhancedDecodingMask) -> torch.Tensor:
         """The decoder's final states: the sentence rebuilt from `h_X` and the decoder's inputs (Eq. 6-8)."""
         content_stream = self.content_stream(sentence_embedding, decoder_input_ids)
         if self.config.enhanced_decoding:
             query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
         else:
             query_stream = content_stream  # the ablation: self-attention over the masked copy
-        return self.decoder(query_stream, content_stream, self.attention_bias(decoder_attention_mask))
+        return self.decoder(query_stream, content_stream, mask)
 
     def query_stream(self, sentence_embedding: torch.Tensor, seq_length: int) -> torch.Tensor:
         """
@@ -613,14 +770,6 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         projection = getattr(self.encoder.base_model, name, None) if name else None
         return embeddings if projection is None else projection(embeddings)
 
-    def attention_bias(self, enhanced_decoding_mask: torch.BoolTensor) -> torch.Tensor:
-        """The (batch, seq, seq) mask in the form the configured attention function takes."""
-        mask = enhanced_decoding_mask[:, None].bool()  # (batch, 1, seq, seq) True = may attend
-        if self.config._attn_implementation == "sdpa":
-            return mask
-        dtype = self.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
     def mlm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The family's MLM head, shared by encoder and decoder: vocabulary scores of hidden states."""
         return self.family.mlm_head(self.encoder, hidden_states)
@@ -630,11 +779,23 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         Cross entropy of the shared MLM head over the labelled positions.
 
         Only labelled positions go through the vocabulary projection: the mean over them is the
-        same as over full logits with `ignore_index`, at a fraction of the cost.
+        same as over full logits with `ignore_index`, at a fraction of the cost. Beyond
+        `MLM_HEAD_ROWS` labelled positions the logits are made `MLM_HEAD_ROWS` rows at a time and
+        made again in backward, so that they never exist for the whole batch at once.
         """
         labelled = labels != IGNORE_INDEX  # (batch, seq)
-        logits = self.mlm_head(hidden_states[labelled])  # (labelled, vocab)
-        return F.cross_entropy(logits.float(), labels[labelled])
+        states, targets = hidden_states[labelled], labels[labelled]
+        if len(targets) <= MLM_HEAD_ROWS:
+            return F.cross_entropy(self.mlm_head(states).float(), targets)
+        chunks = zip(states.split(MLM_HEAD_ROWS), targets.split(MLM_HEAD_ROWS))
+        if torch.is_grad_enabled():
+            total = sum(checkpoint(self.summed_cross_entropy, chunk, target, use_reentrant=False) for chunk, target in chunks)
+        else:
+            total = sum(self.summed_cross_entropy(chunk, target) for chunk, target in chunks)
+        return total / len(targets)
+
+    def summed_cross_entropy(self, hidden_states: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        return F.cross_entropy(self.mlm_head(hidden_states).float(), labels, reduction="sum")
 
 
 def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
@@ -669,6 +830,7 @@ RetroMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "ENCODER_FAMILIES",
+    "EnhancedDecodingMask",
     "RetroMAEForMaskedLM",
     "RetroMAEForPreTraining",
     "RetroMAEForPreTrainingOutput",

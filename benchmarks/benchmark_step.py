@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
 
-from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
+from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.modeling_retromae import max_tokens
 from retromae.pretrain import demo_model_path, hardware
 
@@ -68,7 +68,7 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
     h_x = encoder_states[:, 0]
     query = model.query_stream(h_x, batch["decoder_input_ids"].shape[1])
     content = model.content_stream(h_x, batch["decoder_input_ids"])
-    decoded = model.decoder(query, content, model.attention_bias(batch["decoder_attention_mask"]))
+    decoded = model.decoder(query, content, EnhancedDecodingMask.from_batch(batch))
     return dense_mlm_loss(encoder_states, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
 
 

