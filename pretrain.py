@@ -9,6 +9,7 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 import argparse
 import os
 import platform
+import random
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 
 RELEASE_FOLDER = "model"
 STREAM_BATCH = 64
+LENGTH_GROUP_BATCHES = 64
 STAGING_FOLDER = ".staging"
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
@@ -112,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="The paper's ablation: the decoder reads a masked copy with ordinary self-attention. Default: enhanced decoding.",
     )
     method.add_argument(
+        "--decoder-mask-patterns",
+        type=int,
+        default=256,
+        help="Whole-word patterns drawn per passage for the enhanced-decoding mask: every row has its own up to this "
+        "many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: 256.",
+    )
+    method.add_argument(
         "--max-length",
         type=int,
         help=f"Tokens per passage, the special tokens included; up to what the model's positions allow. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
@@ -139,6 +148,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations to save memory.")
     training.add_argument("--torch-compile", action="store_true", help="Compile the model with torch.compile.")
     training.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa", help="Attention kernel. Default: sdpa.")
+    training.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="Batch passages of similar length together, so that short ones are not padded to the long ones in their batch.",
+    )
     training.add_argument("--dataloader-num-workers", type=int, default=0, help="Processes building batches. Default: 0.")
 
     bookkeeping = parser.add_argument_group("logging and checkpoints")
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         max_length=args.max_length,
         seed=args.seed,
         enhanced_decoding=args.enhanced_decoding,
+        decoder_mask_patterns=args.decoder_mask_patterns,
     )
     trainer = RetroMAETrainer(
         model=model,
@@ -219,7 +234,40 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
         )
     if isinstance(dataset, datasets.IterableDataset):
         dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+    if args.group_by_length:
+        dataset = grouped_by_length(dataset, args)
     return dataset, records
+
+
+def grouped_by_length(dataset, args: argparse.Namespace):
+    """
+    Passages of similar length batched together (`--group-by-length`).
+
+    A dataset read in full gets a `length` column (tokens, or characters of uncut text) for the
+    Trainer's length-grouped sampler. A stream or lazily cut corpus is grouped as it is read: each
+    window of `LENGTH_GROUP_BATCHES` batches is sorted by length, cut into batches, and the batches
+    are put in a random order.
+    """
+    column = "input_ids" if "input_ids" in (dataset.column_names or ()) else args.text_column if args.train_data else "text"
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.map(lambda batch: {"length": [len(item) for item in batch[column]]}, batched=True, desc="Measuring passages")
+    window = args.batch_size * LENGTH_GROUP_BATCHES
+    return dataset.map(LengthGroups(column, args.batch_size, args.seed), batched=True, batch_size=window)
+
+
+class LengthGroups:
+    """`datasets.map` function (batched): a window of passages reordered into batches of similar length, in a random order."""
+
+    def __init__(self, column: str, batch_size: int, seed: int):
+        self.column, self.batch_size, self.seed = column, batch_size, seed
+
+    def __call__(self, window: dict[str, list]) -> dict[str, list]:
+        lengths = [len(item) for item in window[self.column]]
+        by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+        batches = [by_length[start : start + self.batch_size] for start in range(0, len(by_length), self.batch_size)]
+        random.Random(f"{self.seed}:{lengths}").shuffle(batches)
+        order = [index for batch in batches for index in batch]
+        return {name: [values[index] for index in order] for name, values in window.items()}
 
 
 def stopped_on_bad_record(trainer: Trainer, error: CorpusError) -> CorpusError:
@@ -268,6 +316,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-length must be at least 3, got {args.max_length}.")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.decoder_mask_patterns < 1:
+        raise UsageError(f"--decoder-mask-patterns must be at least 1, got {args.decoder_mask_patterns}.")
     if args.shuffle_buffer < 1:
         raise UsageError(f"--shuffle-buffer must be at least 1, got {args.shuffle_buffer}.")
     if args.streaming and args.max_steps < 1:
@@ -437,6 +487,8 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         # Each process draws its own batches: passages cut as they are read make batches of different lengths,
         # which accelerate's default for iterable data (batches fetched by the main process and concatenated) refuses.
         accelerator_config={"dispatch_batches": False},
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        length_column_name="length",
     )
 
 
@@ -539,6 +591,8 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "decoder_mask_ratio": args.decoder_mask_ratio,
         "enhanced_decoding": args.enhanced_decoding,
         "max_length": args.max_length,
+        "decoder_mask_patterns": args.decoder_mask_patterns,
+        "group_by_length": args.group_by_length,
         "steps": steps,
         "batch_size": args.batch_size,
         "processes": processes,

@@ -19,6 +19,8 @@ GPU the peak allocated memory of one step.
     python benchmarks/benchmark_step.py --size base --device cuda --dtype bfloat16 --compile
     python benchmarks/benchmark_step.py --family modernbert  # or xlm-roberta
     python benchmarks/benchmark_step.py --smoke         # tiny config, a few steps (CI)
+    python benchmarks/benchmark_step.py --size smoke --batch-size 2 --repeats 2 --warmup 1 \
+        --lengths 512 1024 2048 4096 8192 --output long.json   # memory and time against L, and long.png
 """
 
 import argparse
@@ -26,13 +28,16 @@ import copy
 import dataclasses
 import json
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.modeling_retromae import max_tokens
@@ -209,11 +214,16 @@ def gemm_seconds(flops: int, repeats: int, device: torch.device, dtype: torch.dt
 
 
 def collator_seconds_on_one_core(collator: RetroMAECollator, ids: list[list[int]], repeats: int) -> tuple[float, float]:
-    """Seconds per batch of our collator and of the per-row Python reference, both on one thread (a data loader worker)."""
+    """
+    Seconds per batch of our collator and of the per-row Python reference, both on one thread (a data loader worker).
+
+    Ours includes making the whole enhanced-decoding mask from the batch's description (which
+    training does on the model's device, a block of rows at a time), as the reference makes it.
+    """
     tokenizer, reference_random, threads = collator.tokenizer, random.Random(0), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ours = median_seconds(lambda: collator(ids), repeats, 1)
+        ours = median_seconds(lambda: EnhancedDecodingMask.from_batch(collator(ids)).dense(), repeats, 1)
         reference = median_seconds(
             lambda: [reference_decoder_mask(collator, [tokenizer.cls_token_id, *row, tokenizer.sep_token_id], reference_random) for row in ids],
             max(1, repeats // 2),
@@ -314,6 +324,98 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     }
 
 
+def one_process_step(args, tokenizer) -> dict:
+    """One variant at one length in this process: median step seconds (collation included) and peak memory."""
+    variant, seq_length = args.one_process[0], int(args.one_process[1])
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    torch.manual_seed(0)
+    config = encoder_config(args.family, args.size, tokenizer, seq_length)
+    if variant == "ours":
+        model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config, attn_implementation="sdpa")).to(device)
+        collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
+    else:
+        model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa").to(device)
+        collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0, enhanced_decoding=False)
+    ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
+
+    def compute_loss():
+        batch = {name: tensor.to(device) for name, tensor in collator(ids).items()}
+        if variant == "ours":
+            return model(**batch).loss
+        return model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
+
+    step = training_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-5), compute_loss)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_seconds(step, args.repeats, args.warmup, synchronize)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "seq_length": seq_length, "step_seconds": seconds, "peak_gib": peak / 2**30}
+
+
+def memory_against_length(args) -> dict:
+    """Ours and the family's MLM at every length, each in a process of its own (its peak memory is its own)."""
+    results = []
+    for seq_length in args.lengths:
+        for variant in ("ours", "mlm"):
+            command = [sys.executable, __file__, "--one-process", variant, str(seq_length), "--family", args.family, "--size", args.size]
+            command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
+            command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+            finished = subprocess.run(command, check=True, capture_output=True, text=True)
+            results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+            print(f"L={seq_length} {variant}: {results[-1]['step_seconds']:.2f} s/step, peak {results[-1]['peak_gib']:.2f} GiB", flush=True)
+    by_length = {}
+    for result in results:
+        by_length.setdefault(result["seq_length"], {})[result["variant"]] = result
+    return {
+        "family": args.family,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "memory": "peak allocated (GPU)" if args.device.startswith("cuda") else "peak resident set size of the process (CPU)",
+        "machine": f"{hardware(torch.device(args.device))}, torch {torch.__version__}",
+        "results": [
+            {
+                "seq_length": seq_length,
+                "ours": pair["ours"],
+                "mlm": pair["mlm"],
+                "memory_ours_over_mlm": pair["ours"]["peak_gib"] / pair["mlm"]["peak_gib"],
+                "time_ours_over_mlm": pair["ours"]["step_seconds"] / pair["mlm"]["step_seconds"],
+            }
+            for seq_length, pair in sorted(by_length.items())
+        ],
+    }
+
+
+def plot_against_length(report: dict, path: str) -> None:
+    """Peak memory and step time against L, ours and MLM (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    lengths = [r["seq_length"] for r in report["results"]]
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in ((axes[0], "peak_gib", "peak memory (GiB)"), (axes[1], "step_seconds", "seconds per step")):
+        for variant, name in (("ours", "RetroMAE (ours)"), ("mlm", "masked LM")):
+            axis.plot(lengths, [r[variant][key] for r in report["results"]], marker="o", label=name)
+        axis.set_xscale("log", base=2), axis.set_yscale("log")
+        axis.set_xticks(lengths, [str(length) for length in lengths])
+        axis.set_xlabel("tokens per sequence (L)"), axis.set_ylabel(label), axis.legend(), axis.grid(alpha=0.3)
+    figure.suptitle(f"{report['family']} {report['size']}, batch {report['batch_size']}: {report['machine']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def print_length_table(report: dict) -> None:
+    print(f"{report['family']} {report['size']}, batch {report['batch_size']}, {report['memory']}, {report['machine']}")
+    print("L      ours GiB  mlm GiB  ours/mlm  ours s   mlm s    ours/mlm")
+    for r in report["results"]:
+        print(
+            f"{r['seq_length']:<6} {r['ours']['peak_gib']:<9.2f} {r['mlm']['peak_gib']:<8.2f} {r['memory_ours_over_mlm']:<9.2f} "
+            f"{r['ours']['step_seconds']:<8.2f} {r['mlm']['step_seconds']:<8.2f} {r['time_ours_over_mlm']:.2f}"
+        )
+
+
 def print_table(report: dict) -> None:
     print(f"{report['family']} {report['size']}, batch {report['batch_size']}, {report['dtype']}, {report['machine']}")
     print("L     ours s  ref s   mlm s   ours/ref ours/mlm comp/mlm FLOP/GEMM collator x  embed  saved MiB ours/mlm")
@@ -335,7 +437,7 @@ def print_table(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="bert", help="Encoder family (a random encoder of it). Default: bert.")
-    parser.add_argument("--size", choices=["small", "base"], default="small", help="Model size. Default: small (4 x 256).")
+    parser.add_argument("--size", choices=["smoke", "small", "base"], default="small", help="Model size. Default: small (4 x 256); smoke is 2 x 64.")
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[128, 512], help="Sequence lengths. Default: 128 512.")
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step. Default: 8.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per variant (the median is reported). Default: 5.")
@@ -348,7 +450,26 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="Tokenizer folder (bert-base-uncased vocabulary). Default: the demo model's, from retromae[demo].")
     parser.add_argument("--smoke", action="store_true", help="Tiny config, short sequences, one timed step: checks the pipeline (CI).")
     parser.add_argument("--output", default="benchmark_step.json", help="Where the JSON goes. Default: benchmark_step.json.")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        help="Instead of the comparison above: peak memory and step time of ours and of the family's MLM against L, "
+        "each in a process of its own, with a plot next to --output (e.g. --size smoke --batch-size 2 --lengths 512 1024 2048 4096 8192).",
+    )
+    parser.add_argument("--one-process", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_process or args.lengths:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
+        if args.one_process:
+            print(json.dumps(one_process_step(args, tokenizer)))
+            return
+        report = memory_against_length(args)
+        with open(args.output, "w") as file:
+            json.dump(report, file, indent=2)
+        plot_against_length(report, args.output.removesuffix(".json") + ".png")
+        print_length_table(report)
+        return
     if args.smoke:
         args.size, args.seq_lengths, args.batch_size, args.repeats, args.warmup = "smoke", [32], 2, 1, 0
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
