@@ -26,6 +26,15 @@ AutoConfig.register(RetroMAEConfig.model_type, RetroMAEConfig)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`RetroMAELoss` is imported on first use: it brings in sentence-transformers, which pre-training does not need."""
+    if name == "RetroMAELoss":
+        from retromae.losses import RetroMAELoss
+
+        return RetroMAELoss
+    raise AttributeError(f"module 'retromae' has no attribute {name!r}")
+
 __all__ = [
     "ENCODER_FAMILIES",
     "EnhancedDecodingMask",
@@ -35,5 +44,6 @@ __all__ = [
     "RetroMAEForPreTraining",
     "RetroMAEForPreTrainingOutput",
     "RetroMAEModel",
+    "RetroMAELoss",
     "RetroMAEModelOutput",
 ]

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import gelu
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -87,7 +88,8 @@ class EncoderFamily:
     Where a masked-LM family keeps what RetroMAE reads; one row of `ENCODER_FAMILIES`.
 
     Args:
-        mlm_head: the family's MLM head applied to hidden states, `(masked_lm_model, states) -> logits`.
+        head_transform: the family's MLM head up to its vocabulary projection, `(masked_lm_model, states) -> states`.
+        head_output: the weight and bias of that projection (the word embeddings where the family ties them).
         position_offset: the row of the position table that holds position 0, from the config
             (RoBERTa numbers positions from `padding_idx + 1`); `None` where the family has no
             absolute position table, and the decoder uses rotary positions instead.
@@ -97,7 +99,8 @@ class EncoderFamily:
             hidden width (ELECTRA), applied to both decoder streams' embeddings where present.
     """
 
-    mlm_head: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
+    head_transform: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
+    head_output: Callable[[PreTrainedModel], tuple[torch.Tensor, torch.Tensor | None]]
     position_offset: Callable[[PreTrainedConfig], int] | None
     rotary_base: Callable[[PreTrainedConfig], float] = lambda config: 10_000.0
     config_names: dict[str, str] = field(default_factory=dict)
@@ -112,18 +115,42 @@ def roberta_positions(config: PreTrainedConfig) -> int:
     return config.pad_token_id + 1
 
 
-def deberta_head(mlm: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:
+def linear_weights(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return layer.weight, layer.bias
+
+
+def deberta_transform(mlm: PreTrainedModel, states: torch.Tensor) -> torch.Tensor:
     if mlm.legacy:
-        return mlm.cls(states)
-    return mlm.lm_predictions(states, mlm.deberta.embeddings.word_embeddings)
+        return mlm.cls.predictions.transform(states)
+    head = mlm.lm_predictions.lm_head
+    return head.LayerNorm(head.transform_act_fn(head.dense(states)))
+
+
+def deberta_output(mlm: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    if mlm.legacy:
+        return linear_weights(mlm.cls.predictions.decoder)
+    return mlm.deberta.embeddings.word_embeddings.weight, mlm.lm_predictions.lm_head.bias
 
 
 ENCODER_FAMILIES = {
-    "bert": EncoderFamily(mlm_head=lambda mlm, states: mlm.cls(states), position_offset=lambda config: 0),
-    "roberta": EncoderFamily(mlm_head=lambda mlm, states: mlm.lm_head(states), position_offset=roberta_positions),
-    "xlm-roberta": EncoderFamily(mlm_head=lambda mlm, states: mlm.lm_head(states), position_offset=roberta_positions),
+    "bert": EncoderFamily(
+        head_transform=lambda mlm, states: mlm.cls.predictions.transform(states),
+        head_output=lambda mlm: linear_weights(mlm.cls.predictions.decoder),
+        position_offset=lambda config: 0,
+    ),
+    "roberta": EncoderFamily(
+        head_transform=lambda mlm, states: mlm.lm_head.layer_norm(gelu(mlm.lm_head.dense(states))),
+        head_output=lambda mlm: linear_weights(mlm.lm_head.decoder),
+        position_offset=roberta_positions,
+    ),
+    "xlm-roberta": EncoderFamily(
+        head_transform=lambda mlm, states: mlm.lm_head.layer_norm(gelu(mlm.lm_head.dense(states))),
+        head_output=lambda mlm: linear_weights(mlm.lm_head.decoder),
+        position_offset=roberta_positions,
+    ),
     "modernbert": EncoderFamily(
-        mlm_head=lambda mlm, states: mlm.decoder(mlm.head(states)),
+        head_transform=lambda mlm, states: mlm.head(states),
+        head_output=lambda mlm: linear_weights(mlm.decoder),
         position_offset=None,
         rotary_base=lambda config: config.rope_parameters["full_attention"]["rope_theta"],
         config_names={
@@ -133,9 +160,10 @@ ENCODER_FAMILIES = {
             "attention_probs_dropout_prob": "attention_dropout",
         },
     ),
-    "deberta-v2": EncoderFamily(mlm_head=deberta_head, position_offset=None),
+    "deberta-v2": EncoderFamily(head_transform=deberta_transform, head_output=deberta_output, position_offset=None),
     "distilbert": EncoderFamily(
-        mlm_head=lambda mlm, states: mlm.vocab_projector(mlm.vocab_layer_norm(mlm.activation(mlm.vocab_transform(states)))),
+        head_transform=lambda mlm, states: mlm.vocab_layer_norm(mlm.activation(mlm.vocab_transform(states))),
+        head_output=lambda mlm: linear_weights(mlm.vocab_projector),
         position_offset=lambda config: 0,
         config_names={
             "intermediate_size": "hidden_dim",
@@ -145,7 +173,8 @@ ENCODER_FAMILIES = {
         },
     ),
     "electra": EncoderFamily(
-        mlm_head=lambda mlm, states: mlm.generator_lm_head(mlm.generator_predictions(states)),
+        head_transform=lambda mlm, states: mlm.generator_predictions(states),
+        head_output=lambda mlm: linear_weights(mlm.generator_lm_head),
         position_offset=lambda config: 0,
         embeddings_projection="embeddings_project",
     ),
@@ -347,8 +376,8 @@ WORD_BITS = 24
 UINT32 = 0xFFFFFFFF
 # Rows of the decoder per block: a block's attention scores (and a block of patterns' keys) stay under this many elements.
 DECODER_BLOCK_SCORES = 2**25
-# Rows of (labelled rows, vocabulary) logits the MLM head computes at a time.
-MLM_HEAD_ROWS = 4096
+# Elements of (labelled rows, vocabulary) logits made at a time (128 MiB in float32).
+LOGITS_CHUNK = 2**25
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -772,30 +801,75 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
 
     def mlm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The family's MLM head, shared by encoder and decoder: vocabulary scores of hidden states."""
-        return self.family.mlm_head(self.encoder, hidden_states)
+        weight, bias = self.family.head_output(self.encoder)
+        return F.linear(self.family.head_transform(self.encoder, hidden_states), weight, bias)
 
     def masked_lm_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
         """
         Cross entropy of the shared MLM head over the labelled positions.
 
         Only labelled positions go through the vocabulary projection: the mean over them is the
-        same as over full logits with `ignore_index`, at a fraction of the cost. Beyond
-        `MLM_HEAD_ROWS` labelled positions the logits are made `MLM_HEAD_ROWS` rows at a time and
-        made again in backward, so that they never exist for the whole batch at once.
+        same as over full logits with `ignore_index`, at a fraction of the cost. The projection
+        and the cross entropy run a chunk of rows at a time (`linear_cross_entropy`), so that
+        the (rows, vocabulary) logits never exist for the whole batch.
         """
         labelled = labels != IGNORE_INDEX  # (batch, seq)
-        states, targets = hidden_states[labelled], labels[labelled]
-        if len(targets) <= MLM_HEAD_ROWS:
-            return F.cross_entropy(self.mlm_head(states).float(), targets)
-        chunks = zip(states.split(MLM_HEAD_ROWS), targets.split(MLM_HEAD_ROWS))
-        if torch.is_grad_enabled():
-            total = sum(checkpoint(self.summed_cross_entropy, chunk, target, use_reentrant=False) for chunk, target in chunks)
-        else:
-            total = sum(self.summed_cross_entropy(chunk, target) for chunk, target in chunks)
-        return total / len(targets)
+        weight, bias = self.family.head_output(self.encoder)
+        states = self.family.head_transform(self.encoder, hidden_states[labelled])
+        return linear_cross_entropy(states, weight, bias, labels[labelled]) / labelled.sum()
 
-    def summed_cross_entropy(self, hidden_states: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        return F.cross_entropy(self.mlm_head(hidden_states).float(), labels, reduction="sum")
+
+def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.LongTensor) -> torch.Tensor:
+    """Summed cross entropy of `states @ weight.T + bias` against `labels`, the logits made `LOGITS_CHUNK` elements at a time."""
+    wants_gradients = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (states, weight, bias))
+    return LinearCrossEntropy.apply(states, weight, bias, labels, max(1, LOGITS_CHUNK // weight.shape[0]), wants_gradients)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """
+    The vocabulary projection and cross entropy, fused over chunks of rows.
+
+    Each chunk's logits are made once, in forward: their loss is summed and, while they exist,
+    their gradients with respect to the states, the weight and the bias are accumulated; backward
+    only scales those. The logits of one chunk exist at a time, and nothing is recomputed: the
+    matrix multiplies are those of the unfused projection's forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, labels, chunk_rows: int, wants_gradients: bool):
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad_states = torch.empty_like(states) if wants_gradients else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_gradients else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_gradients and bias is not None else None
+        for start in range(0, len(labels), chunk_rows):
+            rows, targets = states[start : start + chunk_rows], labels[start : start + chunk_rows]
+            logits = F.linear(rows, weight, bias).float()  # (chunk, vocab)
+            log_probabilities = logits.log_softmax(-1)
+            total -= log_probabilities.gather(1, targets[:, None]).sum()
+            if not wants_gradients:
+                continue
+            grad_logits = log_probabilities.exp_()  # softmax - one-hot: d(summed loss) / d(logits)
+            grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
+            grad_states[start : start + chunk_rows] = (grad_logits.to(rows.dtype) @ weight.to(rows.dtype)).to(states.dtype)
+            grad_weight += grad_logits.T @ rows.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_states, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad_states * grad_total.to(grad_states.dtype),
+            (grad_weight * grad_total).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def rename_legacy_keys(module, state_dict, prefix, *args) -> None:

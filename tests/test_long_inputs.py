@@ -31,10 +31,10 @@ def encoder_config(family: str, vocab_size: int):
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
+def small_blocks(monkeypatch, tokenizer):
     """Blocks of a few rows for the decoder and of a few labelled positions for the MLM head."""
     monkeypatch.setattr(modeling_retromae, "DECODER_BLOCK_SCORES", 3 * 4 * 50)
-    monkeypatch.setattr(modeling_retromae, "MLM_HEAD_ROWS", 37)
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", 37 * len(tokenizer))
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
@@ -48,10 +48,28 @@ def test_blocks_of_rows_give_the_one_block_loss_and_gradients(tokenizer, family,
     blocks.load_state_dict(one_block.state_dict())
     one_block(**batch).loss.backward()
     monkeypatch.setattr(modeling_retromae, "DECODER_BLOCK_SCORES", 3 * 4 * 200 * 16)  # 16 rows a block
-    monkeypatch.setattr(modeling_retromae, "MLM_HEAD_ROWS", 37)
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", 37 * len(tokenizer))
     for parameter in one_block.parameters():
         parameter.grad = None
     assert_same_loss_and_gradients(one_block, blocks, batch, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_chunked_linear_cross_entropy_gives_the_loss_and_gradients_of_full_logits(with_bias, monkeypatch):
+    states = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    bias = torch.randn(30, requires_grad=True) if with_bias else None
+    labels = torch.randint(30, (50,))
+    inputs = [tensor for tensor in (states, weight, bias) if tensor is not None]
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(states, weight, bias), labels, reduction="sum")
+    expected_gradients = torch.autograd.grad(2 * expected, inputs)
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", 7 * 30)  # chunks of 7 rows
+    chunked = modeling_retromae.linear_cross_entropy(states, weight, bias, labels)
+    torch.testing.assert_close(chunked, expected)
+    for gradient, reference in zip(torch.autograd.grad(2 * chunked, inputs), expected_gradients):
+        torch.testing.assert_close(gradient, reference)
+    with torch.no_grad():
+        torch.testing.assert_close(modeling_retromae.linear_cross_entropy(states, weight, bias, labels), expected)
 
 
 def test_blocks_of_rows_match_the_hand_computed_dense_reference(tokenizer, tiny_config, small_blocks):

@@ -1,0 +1,210 @@
+"""RetroMAE as a sentence-transformers loss: pre-train a `SentenceTransformer` with `SentenceTransformerTrainer`.
+
+`RetroMAELoss` holds what RetroMAE adds to an encoder: the enhanced decoder and the MLM head
+(the checkpoint's own where it has one). The encoder is the model's own transformer, run by the
+model itself, so the sentence embedding trained is the one the model embeds with. The masks are
+`RetroMAECollator`'s, drawn from the token ids the trainer hands over, and the losses are
+`RetroMAEForPreTraining`'s, computed by its own methods.
+
+The trainer saves the model only: `loss.checkpoints`, a trainer callback, writes the loss's own
+weights into every checkpoint and reads them back when a run resumes.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+from torch import nn
+from transformers import AutoModelForMaskedLM, PreTrainedModel, TrainerCallback
+
+from .collator import RetroMAECollator
+from .configuration_retromae import RetroMAEConfig
+from .model_folder import quiet_loading
+from .modeling_retromae import EnhancedDecodingMask, RetroMAEForPreTraining, encoder_family, max_tokens
+
+
+LOSS_FOLDER = "retromae_loss"
+LOSS_WEIGHTS = "model.safetensors"
+
+
+class RetroMAELoss(nn.Module):
+    """
+    The RetroMAE objective for a `SentenceTransformer` with first-token (CLS) pooling.
+
+    Args:
+        model: the SentenceTransformer to pre-train: a transformer of a supported family
+            (`ENCODER_FAMILIES`) and CLS pooling, nothing after it.
+        encoder_mask_ratio, decoder_mask_ratio, decoder_mask_patterns: as for `RetroMAECollator`.
+        num_decoder_layers: decoder layers, one in the paper.
+        seed: seeds the masks as `RetroMAECollator` does; `None` draws them from torch's
+            generator, which the trainer seeds and restores on resume.
+
+    Every text of the dataset's single column is one example. The loss returns
+    `{"encoder_loss", "decoder_loss"}`, which the trainer sums and logs one by one. Pass
+    `callbacks=[loss.checkpoints]` to the trainer so that checkpoints hold the decoder and the
+    MLM head and a resumed run carries on from them.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        encoder_mask_ratio: float = 0.30,
+        decoder_mask_ratio: float = 0.50,
+        num_decoder_layers: int = 1,
+        decoder_mask_patterns: int = 256,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        backbone = check_model(model)
+        self.model = model
+        self.collator = RetroMAECollator(
+            model.tokenizer,
+            encoder_mask_ratio,
+            decoder_mask_ratio,
+            max_length=min(model.max_seq_length or max_tokens(backbone.config), max_tokens(backbone.config)),
+            seed=seed,
+            decoder_mask_patterns=decoder_mask_patterns,
+        )
+        config = RetroMAEConfig(
+            encoder=backbone.config,
+            encoder_mask_ratio=encoder_mask_ratio,
+            decoder_mask_ratio=decoder_mask_ratio,
+            num_decoder_layers=num_decoder_layers,
+            attn_implementation=backbone.config._attn_implementation,
+        )
+        self.retromae = RetroMAEForPreTraining(config, encoder=masked_lm_around(backbone))
+        self.checkpoints = LossCheckpoints(self)
+
+    def forward(self, sentence_features: list[dict], labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise RuntimeError("RetroMAELoss trains in one process (its decoder is not synchronised across processes); use `retromae pretrain` on several GPUs.")
+        if len(sentence_features) != 1:
+            raise ValueError(f"RetroMAELoss reads one text column; the dataset has {len(sentence_features)} input columns.")
+        batch = self.masked_batch(sentence_features[0])
+        encoded = self.model({name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch})
+        encoder_states = encoded["token_embeddings"]  # (batch, seq, hidden); sentence_embedding is its first row
+        decoded = self.retromae.decode(encoded["sentence_embedding"], batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
+        return {
+            "encoder_loss": self.retromae.masked_lm_loss(encoder_states, batch["encoder_labels"]),
+            "decoder_loss": self.retromae.masked_lm_loss(decoded, batch["decoder_labels"]),
+        }
+
+    def masked_batch(self, features: dict) -> dict[str, torch.Tensor]:
+        """The collator's batch for the texts the trainer tokenised, on the model's device, with the encoder's input under the model's names."""
+        device = features["input_ids"].device
+        ids = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"].cpu(), features["attention_mask"].cpu())]
+        batch = {name: tensor.to(device) for name, tensor in self.collator(ids).items()}
+        batch["input_ids"], batch["attention_mask"] = batch["encoder_input_ids"], batch["encoder_attention_mask"]
+        if "token_type_ids" in features:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        return batch
+
+    @property
+    def citation(self) -> str:
+        return """
+@inproceedings{xiao2022retromae,
+    title = "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
+    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
+    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
+    year = "2022",
+    url = "https://arxiv.org/abs/2205.12035",
+}
+"""
+
+    def get_config_dict(self) -> dict:
+        return {
+            "encoder_mask_ratio": self.collator.encoder_mask_ratio,
+            "decoder_mask_ratio": self.collator.decoder_mask_ratio,
+            "num_decoder_layers": self.retromae.config.num_decoder_layers,
+            "decoder_mask_patterns": self.collator.decoder_mask_patterns,
+        }
+
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        """The loss's parameters that the model does not hold: the decoder and the MLM head (the head's tied weights excepted)."""
+        held = {id(parameter) for parameter in self.model.parameters()}
+        return {name: parameter for name, parameter in self.retromae.named_parameters() if id(parameter) not in held}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the loss's own weights to `folder/retromae_loss/` (safetensors, through a temporary name)."""
+        target = Path(folder) / LOSS_FOLDER
+        target.mkdir(parents=True, exist_ok=True)
+        staging = target / f".{LOSS_WEIGHTS}.tmp"
+        save_file({name: parameter.detach().contiguous().cpu() for name, parameter in self.own_parameters().items()}, staging)
+        staging.replace(target / LOSS_WEIGHTS)
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Read the loss's own weights back from `folder/retromae_loss/`, in place (the optimiser keeps its parameters)."""
+        path = Path(folder) / LOSS_FOLDER / LOSS_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no RetroMAELoss weights ({LOSS_FOLDER}/{LOSS_WEIGHTS}): it was saved without "
+                "`callbacks=[loss.checkpoints]`, so its decoder is lost; resume from a checkpoint saved with it, or start anew."
+            )
+        parameters = self.own_parameters()
+        saved = load_file(path)
+        if set(saved) != set(parameters):
+            raise ValueError(f"{path} holds the weights of another RetroMAELoss (other decoder layers or encoder family).")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                parameters[name].copy_(tensor)
+
+
+class LossCheckpoints(TrainerCallback):
+    """Saves a `RetroMAELoss`'s decoder and head with every checkpoint, restores them on resume, and gives the collator each epoch."""
+
+    def __init__(self, loss: RetroMAELoss):
+        self.loss = [loss]  # in a list: not a submodule of the loss it belongs to
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            self.loss[0].load(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.loss[0].collator.set_epoch(int(state.epoch or 0))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.loss[0].save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def check_model(model: SentenceTransformer) -> PreTrainedModel:
+    """The model's transformer backbone, after checking that its embedding is the first token's final state."""
+    modules = list(model)
+    if not modules or not isinstance(modules[0], Transformer):
+        raise ValueError("RetroMAELoss pre-trains a SentenceTransformer whose first module is a Transformer.")
+    backbone = modules[0].auto_model
+    encoder_family(backbone.config.model_type)
+    pooling = [module for module in modules[1:] if isinstance(module, Pooling)]
+    modes = [pooling[0].pooling_mode] if pooling and isinstance(pooling[0].pooling_mode, str) else list(pooling[0].pooling_mode) if pooling else []
+    if len(modules) != 2 or modes != ["cls"]:
+        found = ", ".join(type(module).__name__ + (f"({', '.join(modes)})" if module in pooling else "") for module in modules[1:])
+        raise ValueError(
+            "RetroMAELoss trains the sentence embedding RetroMAE defines, the first token's final state: the model must be "
+            f"a Transformer followed by Pooling(pooling_mode='cls') and nothing else, and it has {found or 'no pooling'}. "
+            "Build it with `SentenceTransformer(modules=[transformer, Pooling(dim, pooling_mode='cls')])`."
+        )
+    return backbone
+
+
+def masked_lm_around(backbone: PreTrainedModel) -> PreTrainedModel:
+    """
+    The family's `...ForMaskedLM` whose base model is `backbone` itself, so that both train one encoder.
+
+    Its MLM head comes from the backbone's checkpoint where it has one and starts fresh
+    otherwise, as `retromae pretrain` does. The head's output layer takes the backbone's word
+    embeddings wherever the family ties the two.
+    """
+    with quiet_loading():
+        try:
+            masked_lm = AutoModelForMaskedLM.from_pretrained(backbone.name_or_path, config=backbone.config)
+        except (OSError, ValueError):
+            masked_lm = AutoModelForMaskedLM.from_config(backbone.config)
+    replaced = masked_lm.get_input_embeddings().weight
+    setattr(masked_lm, masked_lm.base_model_prefix, backbone)
+    for module in masked_lm.modules():
+        if getattr(module, "weight", None) is replaced:
+            module.weight = backbone.get_input_embeddings().weight
+    return masked_lm.to(backbone.device)

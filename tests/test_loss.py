@@ -1,0 +1,152 @@
+"""RetroMAELoss inside SentenceTransformerTrainer: the same loss as RetroMAEForPreTraining, checkpoints, resume, the README example."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAELoss
+from retromae.losses import LOSS_FOLDER
+
+from conftest import TEXTS
+from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer
+from test_pretrain import CrashAfter
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoints of every family (their ...ForMaskedLM layout, MLM head included), each with its tokenizer."""
+    root = tmp_path_factory.mktemp("loss-checkpoints")
+    for family in FAMILIES:
+        build_tokenizer(family, root / family)
+        build_checkpoint(family, root / family)
+    return root
+
+
+def cls_model(folder: Path, max_seq_length: int = 64) -> SentenceTransformer:
+    transformer = Transformer(str(folder), max_seq_length=max_seq_length)
+    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")])
+
+
+def without_dropout(module):
+    for submodule in module.modules():
+        if isinstance(submodule, torch.nn.Dropout):
+            submodule.p = 0.0
+    return module
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_equals_retromae_for_pretraining_on_the_same_weights_and_masks(family, checkpoints):
+    torch.manual_seed(0)
+    model = cls_model(checkpoints / family)
+    loss = without_dropout(RetroMAELoss(model, seed=3))
+    reference = without_dropout(RetroMAEForPreTraining.from_pretrained(str(checkpoints / family)))
+    reference.decoder.load_state_dict(loss.retromae.decoder.state_dict())
+    head = {name: tensor for name, tensor in loss.retromae.encoder.state_dict().items()}
+    reference.encoder.load_state_dict(head)
+    features = model.preprocess(CORPUS[:4])
+    losses = loss([features])
+    ids = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+    batch = RetroMAECollator(model.tokenizer, max_length=64, seed=3)(ids)
+    expected = reference(**batch)
+    assert losses["encoder_loss"].item() == pytest.approx(expected.encoder_loss.item(), abs=1e-5)
+    assert losses["decoder_loss"].item() == pytest.approx(expected.decoder_loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_the_encoder_is_the_models_own_and_the_head_is_the_checkpoints(family, checkpoints):
+    model = cls_model(checkpoints / family)
+    loss = RetroMAELoss(model)
+    backbone = model[0].auto_model
+    assert loss.retromae.encoder.base_model is backbone
+    assert loss.retromae.get_output_embeddings().weight is backbone.get_input_embeddings().weight  # tied as the family ties
+    saved = load_file(checkpoints / family / "model.safetensors")
+    head = {name: tensor for name, tensor in saved.items() if not name.startswith(loss.retromae.encoder.base_model_prefix + ".")}
+    own = loss.retromae.encoder.state_dict()
+    for name, tensor in head.items():
+        torch.testing.assert_close(own[name], tensor, atol=0, rtol=0)
+    names = set(loss.own_parameters())
+    assert names and all(name.startswith("decoder.") or name in {f"encoder.{key}" for key in head} for name in names)
+
+
+@pytest.mark.parametrize(
+    "modules, found",
+    [
+        (lambda transformer, dim: [transformer, Pooling(dim, pooling_mode="mean")], "Pooling(mean)"),
+        (lambda transformer, dim: [transformer, Pooling(dim, pooling_mode="cls"), Normalize()], "Normalize"),
+        (lambda transformer, dim: [transformer], "no pooling"),
+    ],
+)
+def test_a_model_whose_embedding_is_not_the_first_token_is_refused(checkpoints, modules, found):
+    transformer = Transformer(str(checkpoints / "bert"))
+    model = SentenceTransformer(modules=modules(transformer, transformer.get_embedding_dimension()))
+    with pytest.raises(ValueError, match=rf"first token's final state.*{re.escape(found)}"):
+        RetroMAELoss(model)
+
+
+def train(folder: Path, output_dir: Path, max_steps: int, resume: bool = False, crash_at: int | None = None) -> RetroMAELoss:
+    torch.manual_seed(0)
+    model = cls_model(folder)
+    loss = RetroMAELoss(model)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=2,
+        logging_steps=1, seed=7, report_to="none", use_cpu=True, dataloader_drop_last=True,
+    )
+    callbacks = [loss.checkpoints] + ([CrashAfter(crash_at)] if crash_at else [])
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": CORPUS * 2}), loss=loss, callbacks=callbacks)
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    except KeyboardInterrupt:
+        pass
+    return loss
+
+
+def test_trainer_trains_decoder_and_encoder_and_a_killed_run_resumes_to_the_same_weights(checkpoints, tmp_path):
+    folder = checkpoints / "bert"
+    whole = train(folder, tmp_path / "whole", max_steps=4)
+    assert (tmp_path / "whole" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").is_file()
+    start = RetroMAELoss(cls_model(folder))
+    moved = {name: (parameter - start.retromae.get_parameter(name)).abs().max().item() for name, parameter in whole.retromae.named_parameters()}
+    assert moved["decoder.layers.0.attention.self.query.weight"] > 0 and moved["encoder.bert.encoder.layer.0.attention.self.query.weight"] > 0
+
+    train(folder, tmp_path / "killed", max_steps=4, crash_at=2)
+    resumed = train(folder, tmp_path / "killed", max_steps=4, resume=True)
+    for name, parameter in whole.retromae.named_parameters():
+        torch.testing.assert_close(resumed.retromae.get_parameter(name), parameter, atol=0, rtol=0, msg=name)
+
+
+def test_resuming_from_a_checkpoint_without_the_decoder_is_an_error(checkpoints, tmp_path):
+    train(checkpoints / "bert", tmp_path / "run", max_steps=4, crash_at=2)
+    (tmp_path / "run" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no RetroMAELoss weights"):
+        train(checkpoints / "bert", tmp_path / "run", max_steps=4, resume=True)
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    return re.search(r"<!-- loss example -->\n```python\n(.*?)```", text, re.DOTALL).group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written_against_a_local_model(checkpoints, tmp_path):
+    """The README's example, with its Hub checkpoint replaced by a local one; the saved model loads with no flag, CLS-pooled."""
+    code = readme_example()
+    hub_id = re.search(r'checkpoint = "([^"]+)"', code).group(1)
+    code = code.replace(f'"{hub_id}"', repr(str(checkpoints / "bert"))).replace("max_steps=1000", "max_steps=3")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from sentence_transformers import SentenceTransformer as S; m = S('retromae-st/model'); "
+         "print(type(m[0].auto_model).__name__, m[1].pooling_mode, m.encode(['a b']).shape)"],
+        cwd=tmp_path, check=True, capture_output=True, text=True,
+    )
+    assert loaded.stdout.split()[:2] == ["BertModel", "cls"], loaded.stdout
+    assert (tmp_path / "retromae-st" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").is_file()
