@@ -83,8 +83,12 @@ class RetroMAELoss(nn.Module):
             raise RuntimeError("RetroMAELoss trains in one process (its decoder is not synchronised across processes); use `retromae pretrain` on several GPUs.")
         if len(sentence_features) != 1:
             raise ValueError(f"RetroMAELoss reads one text column; the dataset has {len(sentence_features)} input columns.")
-        batch = self.masked_batch(sentence_features[0])
-        encoded = self.model({name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch})
+        features = sentence_features[0]
+        if "attention_mask" not in features:
+            raise ValueError("RetroMAELoss needs padded inputs with an attention mask: set `model[0].unpad_inputs = False`.")
+        batch = self.masked_batch(features)
+        passed_on = {name: value for name, value in features.items() if not isinstance(value, torch.Tensor)}  # e.g. the modality
+        encoded = self.model(passed_on | {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch})
         encoder_states = encoded["token_embeddings"]  # (batch, seq, hidden); sentence_embedding is its first row
         decoded = self.retromae.decode(encoded["sentence_embedding"], batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
         return {

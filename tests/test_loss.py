@@ -15,8 +15,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAELoss
 from retromae.losses import LOSS_FOLDER
 
-from conftest import TEXTS
-from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer
+from families import CORPUS, FAMILIES, build_checkpoint
 from test_pretrain import CrashAfter
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -27,7 +26,6 @@ def checkpoints(tmp_path_factory):
     """Tiny checkpoints of every family (their ...ForMaskedLM layout, MLM head included), each with its tokenizer."""
     root = tmp_path_factory.mktemp("loss-checkpoints")
     for family in FAMILIES:
-        build_tokenizer(family, root / family)
         build_checkpoint(family, root / family)
     return root
 
@@ -51,8 +49,8 @@ def test_loss_equals_retromae_for_pretraining_on_the_same_weights_and_masks(fami
     loss = without_dropout(RetroMAELoss(model, seed=3))
     reference = without_dropout(RetroMAEForPreTraining.from_pretrained(str(checkpoints / family)))
     reference.decoder.load_state_dict(loss.retromae.decoder.state_dict())
-    head = {name: tensor for name, tensor in loss.retromae.encoder.state_dict().items()}
-    reference.encoder.load_state_dict(head)
+    missing, _ = reference.encoder.load_state_dict(loss.retromae.encoder.state_dict(), strict=False)
+    assert not missing
     features = model.preprocess(CORPUS[:4])
     losses = loss([features])
     ids = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
@@ -141,7 +139,7 @@ def test_the_readme_example_runs_as_written_against_a_local_model(checkpoints, t
     """The README's example, with its Hub checkpoint replaced by a local one; the saved model loads with no flag, CLS-pooled."""
     code = readme_example()
     hub_id = re.search(r'checkpoint = "([^"]+)"', code).group(1)
-    code = code.replace(f'"{hub_id}"', repr(str(checkpoints / "bert"))).replace("max_steps=1000", "max_steps=3")
+    code = code.replace(f'"{hub_id}"', repr(str(checkpoints / "bert"))).replace("max_steps=1000", "max_steps=3").replace("save_steps=500", "save_steps=2")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
     loaded = subprocess.run(
         [sys.executable, "-c", "from sentence_transformers import SentenceTransformer as S; m = S('retromae-st/model'); "
