@@ -181,16 +181,22 @@ def check_model(model: SentenceTransformer) -> PreTrainedModel:
         raise ValueError("RetroMAELoss pre-trains a SentenceTransformer whose first module is a Transformer.")
     backbone = modules[0].auto_model
     encoder_family(backbone.config.model_type)
-    pooling = [module for module in modules[1:] if isinstance(module, Pooling)]
-    modes = [pooling[0].pooling_mode] if pooling and isinstance(pooling[0].pooling_mode, str) else list(pooling[0].pooling_mode) if pooling else []
-    if len(modules) != 2 or modes != ["cls"]:
-        found = ", ".join(type(module).__name__ + (f"({', '.join(modes)})" if module in pooling else "") for module in modules[1:])
+    after = [describe(module) for module in modules[1:]]
+    if after != ["Pooling(cls)"]:
         raise ValueError(
             "RetroMAELoss trains the sentence embedding RetroMAE defines, the first token's final state: the model must be "
-            f"a Transformer followed by Pooling(pooling_mode='cls') and nothing else, and it has {found or 'no pooling'}. "
+            f"a Transformer followed by Pooling(pooling_mode='cls') and nothing else, and it has {', '.join(after) or 'no pooling'}. "
             "Build it with `SentenceTransformer(modules=[transformer, Pooling(dim, pooling_mode='cls')])`."
         )
     return backbone
+
+
+def describe(module: nn.Module) -> str:
+    """A module's class, with its modes for a pooling module: `Pooling(cls)`, `Pooling(mean)`, `Normalize`."""
+    if not isinstance(module, Pooling):
+        return type(module).__name__
+    modes = module.pooling_mode
+    return f"Pooling({modes if isinstance(modes, str) else ', '.join(modes)})"
 
 
 def masked_lm_around(backbone: PreTrainedModel) -> PreTrainedModel:
