@@ -23,6 +23,12 @@ rotary; DeBERTa-v3: relative) have no `p_i` to add; for them the decoder rotates
 (`h_X` at every position, rotated by i) and keys (rotated by j) with rotary position
 embeddings: this package's extension of the paper.
 
+Long inputs (up to 8,192 tokens) cost no (batch, seq, seq) tensor: the collator describes the
+enhanced-decoding mask in a few (batch, seq) tensors, `EnhancedDecodingMask` draws it on the
+model's device a block of query rows at a time, the decoder runs block by block, and the MLM
+head's vocabulary projection is fused with the cross entropy over chunks of rows
+(`LinearCrossEntropy`). None of this changes the loss.
+
 After pre-training the decoder is discarded: the encoder is a plain checkpoint of its family
 whose first-token state is used for retrieval, and `save_pretrained` of the encoder classes
 writes it as such (the family's config.json, sentence-transformers files for first-token
