@@ -6,8 +6,9 @@ model itself, so the sentence embedding trained is the one the model embeds with
 `RetroMAECollator`'s, drawn from the token ids the trainer hands over, and the losses are
 `RetroMAEForPreTraining`'s, computed by its own methods.
 
-The trainer saves the model only: `loss.checkpoints`, a trainer callback, writes the loss's own
-weights into every checkpoint and reads them back when a run resumes.
+The trainer saves and clips the model only: `loss.checkpoints`, a trainer callback, writes the
+loss's own weights into every checkpoint, reads them back when a run resumes, and clips their
+gradient norm.
 """
 
 import os
@@ -45,7 +46,7 @@ class RetroMAELoss(nn.Module):
     Every text of the dataset's single column is one example. The loss returns
     `{"encoder_loss", "decoder_loss"}`, which the trainer sums and logs one by one. Pass
     `callbacks=[loss.checkpoints]` to the trainer so that checkpoints hold the decoder and the
-    MLM head and a resumed run carries on from them.
+    MLM head, a resumed run carries on from them, and their gradients are clipped as the model's are.
     """
 
     def __init__(
@@ -157,7 +158,13 @@ class RetroMAELoss(nn.Module):
 
 
 class LossCheckpoints(TrainerCallback):
-    """Saves a `RetroMAELoss`'s decoder and head with every checkpoint, restores them on resume, and gives the collator each epoch."""
+    """
+    What the trainer does for the model, done for a `RetroMAELoss`'s own weights (the decoder and the head).
+
+    They are saved with every checkpoint and restored on resume; their gradient norm is clipped
+    at `max_grad_norm`, apart from the model's, which the trainer clips; and the collator is told
+    each epoch.
+    """
 
     def __init__(self, loss: RetroMAELoss):
         self.loss = [loss]  # in a list: not a submodule of the loss it belongs to
@@ -168,6 +175,10 @@ class LossCheckpoints(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.loss[0].collator.set_epoch(int(state.epoch or 0))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.loss[0].own_parameters().values()), args.max_grad_norm)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

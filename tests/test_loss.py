@@ -122,6 +122,16 @@ def test_trainer_trains_decoder_and_encoder_and_a_killed_run_resumes_to_the_same
         torch.testing.assert_close(resumed.retromae.get_parameter(name), parameter, atol=0, rtol=0, msg=name)
 
 
+def test_the_callback_clips_the_losss_own_gradients(checkpoints):
+    loss = RetroMAELoss(cls_model(checkpoints / "bert"))
+    for parameter in loss.own_parameters().values():
+        parameter.grad = torch.full_like(parameter, 10.0)
+    args = SentenceTransformerTrainingArguments(output_dir="unused", max_grad_norm=1.0, report_to="none")
+    loss.checkpoints.on_pre_optimizer_step(args, None, None)
+    norm = torch.stack([parameter.grad.norm() for parameter in loss.own_parameters().values()]).norm()
+    assert norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
 def test_resuming_from_a_checkpoint_without_the_decoder_is_an_error(checkpoints, tmp_path):
     train(checkpoints / "bert", tmp_path / "run", max_steps=4, crash_at=2)
     (tmp_path / "run" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").unlink()
