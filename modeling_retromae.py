@@ -387,18 +387,25 @@ LOGITS_CHUNK = 2**25
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32) on int64 tensors; products stay below 2**63."""
+    """A 32-bit integer hash (lowbias32) on int64 tensors; products stay below 2**63. In place on a copy of `x`."""
     x = x & UINT32
-    x = ((x ^ (x >> 16)) * 0x21F0AAAD) & UINT32
-    x = ((x ^ (x >> 15)) * 0x735A2D97) & UINT32
-    return x ^ (x >> 15)
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x &= UINT32
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x &= UINT32
+    x ^= x >> 15
+    return x
 
 
 def word_keys(seeds: torch.LongTensor, patterns: torch.LongTensor, num_words: int) -> torch.LongTensor:
     """(batch, patterns, words) distinct keys whose ascending order is a random order of the words, one per (example, pattern)."""
     pattern_states = mix32(mix32(seeds)[:, None] + patterns)  # (batch, patterns)
     words = torch.arange(num_words, device=seeds.device)
-    return (mix32(pattern_states[..., None] + mix32(words)) << WORD_BITS) | words
+    keys = mix32(pattern_states[..., None] + mix32(words))
+    keys <<= WORD_BITS
+    return keys.bitwise_or_(words)
 
 
 class WholeWordDraw:
