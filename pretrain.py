@@ -248,7 +248,7 @@ def grouped_by_length(dataset, args: argparse.Namespace):
     window of `LENGTH_GROUP_BATCHES` batches is sorted by length, cut into batches, and the batches
     are put in a random order.
     """
-    column = "input_ids" if "input_ids" in (dataset.column_names or ()) else args.text_column if args.train_data else "text"
+    column = "input_ids" if args.passages == "split" else "text"  # the passages' token ids, or the records' text
     if isinstance(dataset, datasets.Dataset):
         return dataset.map(lambda batch: {"length": [len(item) for item in batch[column]]}, batched=True, desc="Measuring passages")
     window = args.batch_size * LENGTH_GROUP_BATCHES

@@ -10,11 +10,15 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, ModernBertConfig
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
-from retromae import modeling_retromae
+from retromae import modeling_retromae, pretrain
+from retromae.cli import build_parser, main
+from retromae.corpus import resolve_corpus
 from retromae.modeling_retromae import WholeWordDraw
+from retromae.pretrain import LengthGroups
 
 from conftest import MINILM_PATH, TEXTS, decoder_mask
 from test_modeling_retromae import assert_same_loss_and_gradients, reference_losses
+from test_pretrain import corpus, tiny_run  # noqa: F401 (the corpus fixture)
 
 
 def long_texts(count: int, words: int, seed: int = 0) -> list[str]:
@@ -191,3 +195,29 @@ def test_pretraining_at_8192_tokens_stays_within_its_memory(tmp_path):
     assert peak_gib < 1.25 * 8.1, peak_gib
     summary = json.loads((tmp_path / "run" / "model" / "retromae_pretraining.json").read_text())
     assert summary["max_length"] == 8192
+
+
+def test_length_groups_keep_every_passage_and_batch_similar_lengths():
+    generator = random.Random(0)
+    lengths = [generator.randrange(1, 200) for _ in range(64)]
+    window = {"input_ids": [[5] * length for length in lengths], "index": list(range(64))}
+    grouped = LengthGroups("input_ids", batch_size=8, seed=0)(window)
+    assert sorted(grouped["index"]) == list(range(64))
+    assert [len(ids) for ids in grouped["input_ids"]] == [lengths[index] for index in grouped["index"]]
+    batches = [[len(ids) for ids in grouped["input_ids"][start : start + 8]] for start in range(0, 64, 8)]
+    assert sorted(batches) == [sorted(lengths)[start : start + 8] for start in range(0, 64, 8)]  # each batch a run of sorted lengths
+    assert batches != sorted(batches)  # in a random order
+    assert LengthGroups("input_ids", batch_size=8, seed=0)(window) == grouped
+
+
+@pytest.mark.parametrize("steps", [["--max-steps", "4"], ["--max-steps", "-1", "--epochs", "1"]], ids=["cut-as-read", "counted-in-epochs"])
+def test_group_by_length_trains_whether_the_corpus_is_cut_as_read_or_up_front(corpus, tmp_path, steps):
+    args = build_parser().parse_args([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps])
+    pretrain.resolve_defaults(args)
+    dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data, None, "train"), AutoTokenizer.from_pretrained(MINILM_PATH))
+    if steps[1] == "-1":
+        assert "length" in dataset.column_names
+        assert dataset["length"] == [len(ids) for ids in dataset["input_ids"]]
+        assert pretrain.training_arguments(args).train_sampling_strategy == "group_by_length"
+    assert main([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps]) == 0
+    assert json.loads((tmp_path / "run" / "model" / "retromae_pretraining.json").read_text())["group_by_length"] is True
