@@ -20,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from torch import nn
 from transformers import AutoModelForMaskedLM, PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
@@ -171,7 +172,7 @@ class LossCheckpoints(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
-            self.loss[0].load(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.loss[0].load(checkpoint_folder(args, state))
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.loss[0].collator.set_epoch(int(state.epoch or 0))
@@ -182,7 +183,12 @@ class LossCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.loss[0].save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.loss[0].save(checkpoint_folder(args, state))
+
+
+def checkpoint_folder(args, state) -> Path:
+    """The trainer's checkpoint folder of the current step."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def check_model(model: SentenceTransformer) -> PreTrainedModel:

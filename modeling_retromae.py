@@ -449,17 +449,27 @@ class EnhancedDecodingMask:
     no enhanced decoding) the mask hides only padding.
     """
 
-    def __init__(self, padding: torch.Tensor, draw: WholeWordDraw | None = None, row_patterns: torch.LongTensor | None = None):
+    # The collator's names for the mask's description, in the order `__init__` takes them.
+    DESCRIPTION = ("decoder_word_ids", "decoder_mask_seeds", "decoder_mask_budget", "decoder_row_patterns")
+
+    def __init__(
+        self,
+        padding: torch.Tensor,
+        word_ids: torch.LongTensor | None = None,
+        seeds: torch.LongTensor | None = None,
+        budget: torch.LongTensor | None = None,
+        row_patterns: torch.LongTensor | None = None,
+    ):
         self.padding, self.row_patterns = padding.bool(), row_patterns
-        self.patterns = None if draw is None else self.draw_patterns(draw, int(row_patterns.max()) + 1)
+        if word_ids is None:
+            self.patterns = None
+        else:
+            self.patterns = self.draw_patterns(WholeWordDraw(word_ids, seeds, budget), int(row_patterns.max()) + 1)
 
     @classmethod
     def from_batch(cls, batch: dict) -> "EnhancedDecodingMask":
-        """The mask described by a `RetroMAECollator` batch."""
-        if "decoder_word_ids" not in batch:
-            return cls(batch["encoder_attention_mask"])
-        draw = WholeWordDraw(batch["decoder_word_ids"], batch["decoder_mask_seeds"], batch["decoder_mask_budget"])
-        return cls(batch["encoder_attention_mask"], draw, batch["decoder_row_patterns"])
+        """The mask described by a `RetroMAECollator` batch (padding only for the ablation's batches, which describe none)."""
+        return cls(batch["encoder_attention_mask"], *(batch.get(name) for name in cls.DESCRIPTION))
 
     def draw_patterns(self, draw: WholeWordDraw, count: int) -> torch.BoolTensor:
         """(batch, count, seq) the patterns, drawn in blocks that keep their (batch, patterns, words) keys small."""
@@ -757,13 +767,13 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         sentence_embedding = encoder_states[:, 0]  # (batch, hidden) h_X, the first token's final state
         encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
 
+        description = (decoder_word_ids, decoder_mask_seeds, decoder_mask_budget, decoder_row_patterns)
         if self.config.enhanced_decoding and decoder_word_ids is None:
             raise ValueError(
-                "Enhanced decoding needs the mask's description: decoder_word_ids, decoder_mask_seeds, "
-                "decoder_mask_budget and decoder_row_patterns, as RetroMAECollator makes them."
+                f"Enhanced decoding needs the mask's description: {', '.join(EnhancedDecodingMask.DESCRIPTION)}, "
+                "as RetroMAECollator makes them."
             )
-        draw = WholeWordDraw(decoder_word_ids, decoder_mask_seeds, decoder_mask_budget) if self.config.enhanced_decoding else None
-        mask = EnhancedDecodingMask(encoder_attention_mask, draw, decoder_row_patterns)
+        mask = EnhancedDecodingMask(encoder_attention_mask, *(description if self.config.enhanced_decoding else ()))
         decoded = self.decode(sentence_embedding, decoder_input_ids, mask)
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
 
