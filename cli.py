@@ -2,18 +2,18 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import finetune, pretrain
-from .data import CorpusError
+from .errors import Destination, Interrupted, UsageError, at_least
 from .model_folder import PRETRAINING_FILE
-from .evaluate import METRICS, EvaluationError, evaluate, load_beir, load_model
-from .hub import CardError, ReleaseError, convert, export_plain, release
+from .evaluate import METRICS, evaluate, load_beir, load_model
+from .hub import ReleaseError, convert, export_plain, release
 from .hub.card import TEMPLATE
 
 
-USER_ERRORS = (pretrain.UsageError, CorpusError, EvaluationError, ReleaseError, CardError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="RetroMAE: retrieval-oriented pre-training of masked-LM encoders (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v3, DistilBERT, ELECTRA) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="On an error, show the full traceback instead of one line.")
     pretraining = commands.add_parser(
         "pretrain",
+        parents=[common],
         help="pre-train or domain-adapt an encoder with RetroMAE",
         description="Pre-train a masked-LM encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetuning = commands.add_parser(
         "finetune",
+        parents=[common],
         help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
         description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
         "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, is a checkpoint "
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser(
         "evaluate",
+        parents=[common],
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
         description="Embed a BEIR-format folder's corpus and queries with a model and report nDCG@10, MRR@10 and "
         "Recall@100 (sentence-transformers' InformationRetrievalEvaluator), printed and written as JSON. Any "
@@ -58,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("model", help="Model folder or Hub id.")
     evaluation.add_argument("data", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
     evaluation.add_argument("--split", default="test", help="Which qrels/<split>.tsv to score.")
-    evaluation.add_argument("--batch-size", type=int, default=32, help="Texts per encoding batch.")
-    evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON.")
+    evaluation.add_argument("--batch-size", type=at_least(1), default=32, help="Texts per encoding batch.")
+    evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON (checked before scoring).")
+    evaluation.add_argument("--overwrite", action="store_true", help="Replace an --output file that exists.")
     evaluation.set_defaults(handler=run_evaluate)
 
     releasing = commands.add_parser(
         "release",
+        parents=[common],
         help="publish a trained model as a complete Hub repository (one commit)",
         description="Assemble a Hub repository from a RetroMAE model folder (weights, config with auto_map, both code "
         "files, tokenizer, sentence-transformers files and a model card with the run's settings and any evaluation), "
@@ -74,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     releasing.add_argument("model_dir", metavar="MODEL_DIR", help="The model folder (e.g. OUTPUT_DIR/model of a pretrain or finetune run).")
     releasing.add_argument("--repo-id", required=True, help="Hub repository, 'org/name'; created when it does not exist.")
     releasing.add_argument("--private", action="store_true", help="Create the repository private.")
-    releasing.add_argument("--dry-run", metavar="DIR", help="Write and check the repository in DIR; upload nothing.")
+    releasing.add_argument("--dry-run", metavar="DIR", help="Write and check the repository in DIR (new or empty); upload nothing.")
+    releasing.add_argument("--overwrite", action="store_true", help="Replace a --dry-run DIR that holds files.")
     releasing.add_argument(
         "--evaluation", action="append", default=[], metavar="JSON", help="A `retromae evaluate` report for the card (repeatable)."
     )
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     converting = commands.add_parser(
         "convert",
+        parents=[common],
         help="turn a checkpoint (e.g. the authors' RetroMAE) into a release folder, or back (--plain)",
         description="Convert a checkpoint of a supported family, ...ForMaskedLM or base-model layout (a folder or Hub "
         "id, such as the authors' Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or BAAI/bge-m3-retromae), or a RetroMAE "
@@ -96,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     converting.add_argument("source", metavar="SRC", help="Checkpoint folder or Hub id.")
-    converting.add_argument("destination", metavar="DST", help="Folder to write (replaced atomically).")
+    converting.add_argument("destination", metavar="DST", help="Folder to write (new or empty; written atomically).")
+    converting.add_argument("--overwrite", action="store_true", help="Replace a DST that holds files.")
     converting.add_argument(
         "--plain", "--to-bert", dest="plain", action="store_true",
         help="Export a RetroMAE model as its family's own checkpoint (BertForMaskedLM for a BERT) with no remote code.",
@@ -122,14 +132,26 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    output = Destination("--output", args.output, args.overwrite, folder=False).check()
     task = load_beir(args.data, args.split)
     figures = evaluate(load_model(args.model), task, args.batch_size)
     report = {"model": args.model, "data": args.data, "split": args.split, "queries": len(task.queries), "documents": len(task.corpus), **figures}
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    write_file_atomically(output, text + "\n")
+    print(text)
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it into place, creating the folders above."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def run_release(args: argparse.Namespace) -> None:
+    if args.dry_run:
+        Destination("--dry-run", args.dry_run, args.overwrite).check(source=args.model_dir)
     evaluations = [read_report(path) for path in args.evaluation]
     result = release(
         args.model_dir,
@@ -162,6 +184,7 @@ def read_report(path: str) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    Destination("DST", args.destination, args.overwrite).check(source=args.source)
     if args.plain:
         export_plain(args.source, args.destination)
         print(f"Plain checkpoint written to {args.destination}: loads with its family's own classes, no remote code.")
@@ -172,12 +195,31 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: 0 when it worked, 2 on bad input (one `error:` line), 130 when interrupted, 1 on a bug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.handler(args)
-    except USER_ERRORS as error:
+    except Interrupted as stop:
+        print(f"retromae {args.command}: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"retromae {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except UsageError as error:
+        if args.debug:
+            raise
         print(f"retromae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        message = (str(error).strip().splitlines() or [""])[0]
+        print(f"retromae {args.command}: error: unexpected {type(error).__name__}: {message} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,6 +23,7 @@ import io
 import json
 import lzma
 import multiprocessing
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,13 @@ class BadRecord(str):
 def file_records(file: Path, format: str, column: str) -> Iterator[tuple[str, object]]:
     """(where, text or what stands in its place) for every record of one file: where is `file:line` or `file record N`."""
     readers = {"text": text_records, "json": json_records, "csv": csv_records, "tsv": csv_records, "parquet": parquet_records, "arrow": arrow_records}
-    yield from readers[format](file, column)
+    try:
+        yield from readers[format](file, column)
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, pa.ArrowException) as error:
+        if isinstance(error, CorpusError):
+            raise
+        compressed = f" ({file.suffix[1:]}-compressed)" if file.suffix in COMPRESSIONS else ""
+        raise CorpusError(f"{file} could not be read as {format}{compressed}: {error}") from None
 
 
 def open_binary(file: Path):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import datasets
 
+from .errors import UsageError
+
 
 REFERENCE_SECTIONS = re.compile(
     r"^==+\s*(references|bibliography|see also|external links|further reading|notes|sources|citations)\b", re.I
@@ -20,7 +22,7 @@ SECTION_HEADING = re.compile(r"^(==+[^=]+==+\s*)+")
 MIN_PARAGRAPH_WORDS = 20
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError):
     """A corpus that cannot be read; the message names the file (and line or record) and the problem."""
 
 

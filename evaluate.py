@@ -7,6 +7,7 @@ MTEB report them, so nDCG@10 gains by grade on graded sets such as TREC-COVID or
 """
 
 import csv
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytrec_eval
 from sentence_transformers import SentenceTransformer
 
 from .data import json_lines
+from .errors import UsageError, loading
 from .sentence_transformer import load_sentence_transformer
 
 
@@ -23,7 +25,7 @@ METRICS = ("ndcg@10", "mrr@10", "recall@100")
 RANKED = 100  # documents retrieved per query: the deepest cut of METRICS
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError):
     """A retrieval task or model that cannot be evaluated; the message names the file and the problem."""
 
 
@@ -52,11 +54,17 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalTask:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    records = []
+    """The records of a BEIR JSON-lines file; a missing or null field, a title that is not text or a repeated id is refused by line."""
+    records, lines = [], {}
     for number, record in json_lines(path, EvaluationError):
-        if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
-            raise EvaluationError(f"{path}:{number} needs an '_id' and a string 'text'.")
+        if not isinstance(record, dict) or record.get("_id") is None or not isinstance(record.get("text"), str):
+            raise EvaluationError(f"{path}:{number} needs an '_id' and a string 'text' (null is neither).")
+        if not isinstance(record.get("title", ""), str):
+            raise EvaluationError(f"{path}:{number}: 'title' must be a string (or left out), got {json.dumps(record['title'])}.")
         record["_id"] = str(record["_id"])
+        if record["_id"] in lines:
+            raise EvaluationError(f"{path}:{number}: '_id' {record['_id']!r} repeats line {lines[record['_id']]}.")
+        lines[record["_id"]] = number
         records.append(record)
     return records
 
@@ -83,11 +91,9 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
 
 
 def load_model(model_name_or_path: str) -> SentenceTransformer:
-    """The model to evaluate (see `load_sentence_transformer`); a folder that is not a model raises `EvaluationError`."""
-    try:
+    """The model to evaluate (see `load_sentence_transformer`); one that cannot be loaded raises `UsageError` naming it."""
+    with loading("MODEL", model_name_or_path):
         return load_sentence_transformer(model_name_or_path)
-    except ValueError as error:
-        raise EvaluationError(str(error)) from None
 
 
 def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:

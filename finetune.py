@@ -7,6 +7,7 @@ MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larg
 
 import argparse
 import csv
+import warnings
 from pathlib import Path
 
 import datasets
@@ -19,9 +20,10 @@ from sentence_transformers.sentence_transformer.losses import (
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
 from .data import json_lines
+from .errors import UsageError, at_least, loading, positive, seed, steps
 from .model_folder import save_atomically
-from .pretrain import AtomicCheckpoints, UsageError, check_output_dir, resume_checkpoint
 from .sentence_transformer import load_sentence_transformer
+from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, resume_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,40 +36,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or .tsv with query<TAB>positive[<TAB>negative...].",
     )
     parser.add_argument("--output-dir", required=True, help="Where checkpoints and the final model (OUTPUT_DIR/model) go.")
-    parser.add_argument("--temperature", type=float, default=0.05, help="Softmax temperature of the contrastive loss. Default: 0.05.")
-    parser.add_argument("--cached", type=int, metavar="MINI_BATCH", help="Use the cached (GradCache) loss with this mini-batch size.")
-    parser.add_argument("--batch-size", type=int, default=32, help="Queries per batch (each brings its positive and negatives). Default: 32.")
-    parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the data. Default: 1.")
-    parser.add_argument("--max-steps", type=int, default=-1, help="Optimiser steps; -1 trains for --epochs. Default: -1.")
-    parser.add_argument("--learning-rate", type=float, default=2e-5, help="Peak AdamW learning rate. Default: 2e-5.")
-    parser.add_argument("--warmup", type=float, default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
-    parser.add_argument("--seed", type=int, default=42, help="Seeds weights and data order. Default: 42.")
+    parser.add_argument("--temperature", type=positive, default=0.05, help="Softmax temperature of the contrastive loss. Default: 0.05.")
+    parser.add_argument("--cached", type=at_least(1), metavar="MINI_BATCH", help="Use the cached (GradCache) loss with this mini-batch size.")
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="Queries per batch (each brings its positive and negatives). Default: 32.")
+    parser.add_argument("--epochs", type=positive, default=1.0, help="Passes over the data. Default: 1.")
+    parser.add_argument("--max-steps", type=steps, default=-1, help="Optimiser steps; -1 trains for --epochs. Default: -1.")
+    parser.add_argument("--learning-rate", type=positive, default=2e-5, help="Peak AdamW learning rate. Default: 2e-5.")
+    parser.add_argument("--warmup", type=at_least(0, float), default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
+    parser.add_argument("--seed", type=seed, default=42, help="Seeds weights and data order. Default: 42.")
     parser.add_argument("--bf16", action="store_true", help="Train in bfloat16 mixed precision.")
-    parser.add_argument("--logging-steps", type=int, default=10, help="Log the loss every N steps. Default: 10.")
-    parser.add_argument("--save-steps", type=int, default=500, help="Checkpoint every N steps. Default: 500.")
+    parser.add_argument("--logging-steps", type=at_least(1), default=10, help="Log the loss every N steps. Default: 10.")
+    parser.add_argument("--save-steps", type=at_least(1), default=500, help="Checkpoint every N steps. Default: 500.")
     parser.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, help="Continue from the last checkpoint (or the one given).")
-    parser.add_argument("--overwrite-output-dir", action="store_true", help="Allow an --output-dir that already holds a run.")
+    add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> Path:
     """Fine-tune as `args` say; return the folder of the final model."""
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}.")
+    check_report_to(args.report_to)
     check_output_dir(args)
     dataset = load_examples(args.train_data)
-    try:
+    warn_if_few_pairs(dataset, args.batch_size, args.train_data)
+    with loading("--model", args.model):
         model = load_sentence_transformer(args.model)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--model {args.model}: {error}") from None
     scale = 1.0 / args.temperature
     loss = (
         CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.cached)
         if args.cached
         else MultipleNegativesRankingLoss(model, scale=scale)
     )
-    trainer = ContrastiveTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss)
+    interrupt = StopOnInterrupt()
+    trainer = ContrastiveTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss, callbacks=[interrupt])
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    if interrupt.requested:
+        raise interrupt.stopped(args.argv, trainer.state.global_step, args.output_dir)
     final = Path(args.output_dir) / "model"
     save_atomically(final, lambda path: model.save(str(path)))
     return final
@@ -110,14 +112,28 @@ def load_examples(path: str | Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(names)})
 
 
+def warn_if_few_pairs(dataset: datasets.Dataset, batch_size: int, path: str) -> None:
+    """In-batch negatives need other pairs in the batch: with fewer distinct pairs than a batch the loss says little."""
+    pairs = len(set(zip(dataset["anchor"], dataset["positive"])))
+    if pairs < batch_size:
+        warnings.warn(
+            f"--train-data {path} holds {pairs} distinct (query, positive) pairs, fewer than --batch-size {batch_size}: "
+            "batches have few in-batch negatives, and a single or repeated pair gives a loss of 0 and no training.",
+            stacklevel=2,
+        )
+
+
 def read_jsonl_examples(path: Path) -> list[list[str]]:
     rows = []
     for number, record in json_lines(path, UsageError):
-        record = record if isinstance(record, dict) else {}
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{number} is not a JSON object with 'query' and 'positive'.")
         negatives = record.get("negatives", [record["negative"]] if "negative" in record else [])
+        if not isinstance(negatives, list):
+            raise UsageError(f"{path}:{number}: 'negatives' must be a list of texts, got {type(negatives).__name__}.")
         row = [record.get("query"), record.get("positive"), *negatives]
         if not all(isinstance(text, str) and text.strip() for text in row):
-            raise UsageError(f"{path}:{number} needs non-empty 'query' and 'positive' texts (and text negatives).")
+            raise UsageError(f"{path}:{number} needs non-empty 'query' and 'positive' texts (and text negatives; null is not a text).")
         rows.append(row)
     return rows
 

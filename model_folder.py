@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import safe_open
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -86,6 +87,7 @@ def load_encoder(source: str | os.PathLike, with_mlm_head: bool = True) -> PreTr
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:
     """Run `write(temporary_folder)`, then swap the result in for `folder` by renaming."""
     folder = Path(folder)
+    remove_leftovers(folder)
     temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     write(temporary)
@@ -94,6 +96,43 @@ def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:
         os.replace(folder, previous)
     os.replace(temporary, folder)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """
+    What a killed `save_atomically` of `folder` left beside it: half-written `.NAME.tmp-PID` folders are removed,
+    and a `.NAME.old-PID` (the user's previous folder, moved aside just before the kill) is put back if `folder`
+    is missing, else removed. Folders of processes still running are left alone.
+    """
+    for leftover in folder.parent.glob(f".{folder.name}.*-*") if folder.parent.is_dir() else []:
+        kind, _, pid = leftover.name.removeprefix(f".{folder.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or process_running(int(pid)):
+            continue
+        if kind == "old" and not folder.exists():
+            os.replace(leftover, folder)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def process_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def safetensors_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a folder's safetensors files, read from their headers alone."""
+    shapes = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+    return shapes
 
 
 @contextmanager

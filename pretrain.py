@@ -27,14 +27,15 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
-from .model_folder import encoder_config_dict, public_name, quiet_loading, save_atomically, write_model_files
+from .errors import UsageError, at_least, check_exists, loading, positive, seed, steps
+from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
 from .passages import PassageSplitter
+from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, finished_step, resume_checkpoint
 from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
 
 
@@ -53,14 +54,9 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 RELEASE_FOLDER = "model"
 STREAM_BATCH = 64
 LENGTH_GROUP_BATCHES = 64
-STAGING_FOLDER = ".staging"
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
 DEMO_DATASET = "wikimedia/wikipedia"
-
-
-class UsageError(ValueError):
-    """A bad command-line input; the message says which and what is allowed."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset-split", default="train", help="The split of a Hub or saved dataset. Default: train.")
     source.add_argument("--streaming", action="store_true", help="Stream the corpus instead of memory-mapping it (needs --max-steps).")
     source.add_argument(
-        "--shuffle-buffer", type=int, default=10_000, help="Passages a stream is shuffled among (read ahead into a buffer). Default: 10000."
+        "--shuffle-buffer", type=at_least(1), default=10_000, help="Passages a stream is shuffled among (read ahead into a buffer). Default: 10000."
     )
     source.add_argument(
         "--passages",
@@ -115,14 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument(
         "--decoder-mask-patterns",
-        type=int,
+        type=at_least(1),
         default=256,
         help="Whole-word patterns drawn per passage for the enhanced-decoding mask: every row has its own up to this "
         "many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: 256.",
     )
     method.add_argument(
         "--max-length",
-        type=int,
+        type=at_least(3),
         help=f"Tokens per passage, the special tokens included; up to what the model's positions allow. Default: {FULL_RUN['max_length']} ({DEMO_RUN['max_length']} on the demo corpus).",
     )
 
@@ -130,20 +126,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--output-dir", default="retromae-output", help="Where checkpoints and the released model go. Default: retromae-output.")
     training.add_argument(
         "--batch-size",
-        type=int,
+        type=at_least(1),
         help=f"Passages per device and step. Default: {FULL_RUN['batch_size']} ({DEMO_RUN['batch_size']} on the demo corpus).",
     )
     training.add_argument(
         "--max-steps",
-        type=int,
+        type=steps,
         help=f"Optimiser steps; -1 trains for --epochs. Default: -1 ({DEMO_RUN['max_steps']} on the demo corpus).",
     )
-    training.add_argument("--epochs", type=float, default=1.0, help="Passes over the corpus when --max-steps is -1. Default: 1.")
-    training.add_argument("--learning-rate", type=float, default=1e-4, help="Peak AdamW learning rate. Default: 1e-4.")
-    training.add_argument("--warmup", type=float, default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
-    training.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay. Default: 0.01.")
-    training.add_argument("--seed", type=int, default=42, help="Seeds weights, data order and masks. Default: 42.")
-    training.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Batches per optimiser step. Default: 1.")
+    training.add_argument("--epochs", type=positive, default=1.0, help="Passes over the corpus when --max-steps is -1. Default: 1.")
+    training.add_argument("--learning-rate", type=positive, default=1e-4, help="Peak AdamW learning rate. Default: 1e-4.")
+    training.add_argument("--warmup", type=at_least(0, float), default=0.1, help="Warm-up: a share of the steps (< 1) or a number of steps. Default: 0.1.")
+    training.add_argument("--weight-decay", type=at_least(0, float), default=0.01, help="AdamW weight decay. Default: 0.01.")
+    training.add_argument("--seed", type=seed, default=42, help="Seeds weights, data order and masks. Default: 42.")
+    training.add_argument("--gradient-accumulation-steps", type=at_least(1), default=1, help="Batches per optimiser step. Default: 1.")
     training.add_argument("--bf16", action="store_true", help="Train in bfloat16 mixed precision.")
     training.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations to save memory.")
     training.add_argument("--torch-compile", action="store_true", help="Compile the model with torch.compile.")
@@ -153,29 +149,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Batch passages of similar length together, so that short ones are not padded to the long ones in their batch.",
     )
-    training.add_argument("--dataloader-num-workers", type=int, default=0, help="Processes building batches. Default: 0.")
+    training.add_argument("--dataloader-num-workers", type=at_least(0), default=0, help="Processes building batches. Default: 0.")
 
     bookkeeping = parser.add_argument_group("logging and checkpoints")
-    bookkeeping.add_argument("--logging-steps", type=int, default=10, help="Log losses and tokens/s every N steps. Default: 10.")
-    bookkeeping.add_argument("--save-steps", type=int, default=500, help="Checkpoint every N steps. Default: 500.")
-    bookkeeping.add_argument("--save-total-limit", type=int, default=2, help="Checkpoints kept. Default: 2.")
+    bookkeeping.add_argument("--logging-steps", type=at_least(1), default=10, help="Log losses and tokens/s every N steps. Default: 10.")
+    bookkeeping.add_argument("--save-steps", type=at_least(1), default=500, help="Checkpoint every N steps. Default: 500.")
+    bookkeeping.add_argument("--save-total-limit", type=at_least(1), default=2, help="Checkpoints kept. Default: 2.")
     bookkeeping.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
-    bookkeeping.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        help="Continue from the last checkpoint in --output-dir, or from the checkpoint folder given.",
-    )
-    bookkeeping.add_argument("--overwrite-output-dir", action="store_true", help="Allow an --output-dir that already holds a run.")
+    add_run_arguments(bookkeeping)
 
 
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path | None:
     """Pre-train as `args` say; return the folder of the released encoder (`None` on the other processes)."""
     resolve_defaults(args)
     check_arguments(args)
+    if finished(args):
+        return None
     source = resolve_corpus(args.train_data, args.dataset_config, args.dataset_split) if args.train_data else None
     model, tokenizer = build_model_and_tokenizer(args)
+    if args.resume:
+        check_resumable(resume_checkpoint(args), model)
     dataset, records = training_passages(args, source, tokenizer)
     collator = RetroMAECollator(
         tokenizer,
@@ -186,12 +179,13 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         enhanced_decoding=args.enhanced_decoding,
         decoder_mask_patterns=args.decoder_mask_patterns,
     )
+    interrupt = StopOnInterrupt()
     trainer = RetroMAETrainer(
         model=model,
         args=training_arguments(args),
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[EpochCallback(collator), *callbacks],
+        callbacks=[EpochCallback(collator), interrupt, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossLineProgressCallback)
@@ -200,6 +194,8 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     except CorpusError as error:
         raise stopped_on_bad_record(trainer, error) from None
+    if interrupt.requested:
+        raise interrupt.stopped(args.argv, trainer.state.global_step, args.output_dir)
     release = Path(args.output_dir) / RELEASE_FOLDER
     if trainer.is_world_process_zero():
         summary = run_summary(args, trainer, source, records, dataset, time.perf_counter() - started)
@@ -312,45 +308,44 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}.")
     if args.model and args.config:
         raise UsageError("Give --model or --config, not both.")
-    if args.max_length < 3:
-        raise UsageError(f"--max-length must be at least 3, got {args.max_length}.")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.decoder_mask_patterns < 1:
-        raise UsageError(f"--decoder-mask-patterns must be at least 1, got {args.decoder_mask_patterns}.")
-    if args.shuffle_buffer < 1:
-        raise UsageError(f"--shuffle-buffer must be at least 1, got {args.shuffle_buffer}.")
     if args.streaming and args.max_steps < 1:
         raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs by.")
+    for name in ("model", "tokenizer", "resume"):
+        if isinstance(getattr(args, name), str):
+            check_exists(f"--{name}", getattr(args, name))
+    check_report_to(args.report_to)
     check_output_dir(args)
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
-    """An --output-dir holding another run or model is only reused with --resume or --overwrite-output-dir."""
-    output_dir = Path(args.output_dir)
-    if args.resume is True and get_last_checkpoint_or_none(output_dir) is None:
-        raise UsageError(f"--resume: no checkpoint-N folder in {output_dir} to continue from.")
-    if args.resume or args.overwrite_output_dir or not output_dir.exists():
-        return
-    if output_dir.is_file():
-        raise UsageError(f"--output-dir {output_dir} is a file.")
-    if any(output_dir.iterdir()):
+def finished(args: argparse.Namespace) -> bool:
+    """Whether --resume names a run that has already done its steps: it is then left as it is, and said so."""
+    checkpoint = resume_checkpoint(args)
+    step = finished_step(checkpoint, args.max_steps) if checkpoint else None
+    if step is None:
+        return False
+    release = Path(args.output_dir) / RELEASE_FOLDER
+    if not release.is_dir():
         raise UsageError(
-            f"--output-dir {output_dir} already holds files (another model or run). Pass --resume to continue "
-            "that run, --overwrite-output-dir to write over it, or choose another folder."
+            f"--resume: the run in {args.output_dir} finished at step {step}, but {release} is missing: write it with "
+            f"`retromae convert {checkpoint} {release}`."
         )
+    if os.environ.get("RANK", "0") == "0":
+        print(f"The run in {args.output_dir} already finished at step {step} ({checkpoint}); its model is {release}. Nothing was changed.")
+    return True
 
 
-def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-
-
-def resume_checkpoint(args: argparse.Namespace) -> str | None:
-    if args.resume is True:
-        return get_last_checkpoint_or_none(Path(args.output_dir))
-    if args.resume and not Path(args.resume).is_dir():
-        raise UsageError(f"--resume: checkpoint folder {args.resume} does not exist.")
-    return args.resume
+def check_resumable(checkpoint: str, model: RetroMAEForPreTraining) -> None:
+    """The checkpoint --resume continues from holds this run's model: its tensors, of the same shapes."""
+    with loading("--resume", checkpoint):
+        saved = safetensors_shapes(checkpoint)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    different = sorted(name for name in expected.keys() & saved.keys() if expected[name] != saved[name])
+    if different or not expected.keys() & saved.keys():
+        found = f" ({different[0]}: {saved[different[0]]} there, {expected[different[0]]} here)" if different else ""
+        raise UsageError(
+            f"--resume {checkpoint}: the checkpoint holds another model than this run's{found}; resume with the "
+            "run's own --model or --config."
+        )
 
 
 def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:
@@ -386,10 +381,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     bare = folder.is_dir() and not (folder / "tokenizer_config.json").is_file()
     if bare and not any((folder / file).is_file() for file in ("vocab.txt", "tokenizer.json")):
         raise UsageError(f"--tokenizer {name}: the folder holds no tokenizer_config.json, vocab.txt or tokenizer.json.")
-    try:
+    with loading("--tokenizer", name):
         tokenizer = (BertTokenizer if bare else AutoTokenizer).from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--tokenizer {name}: not a tokenizer ({error}).") from None
     missing = [kind for kind in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, f"{kind}_id") is None]
     if missing:
         raise UsageError(
@@ -409,7 +402,7 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
     """
     family = encoder_type(name)
     attention = attn_implementation if supports_sdpa(family) else "eager"
-    with quiet_loading():
+    with quiet_loading(), loading("--model", name):
         model, info = RetroMAEForPreTraining.from_pretrained(name, attn_implementation=attention, output_loading_info=True, **settings)
     base = f"encoder.{model.encoder.base_model_prefix}."
     missing = set(info["missing_keys"])
@@ -437,10 +430,10 @@ def encoder_type(name: str) -> str:
 
 def checkpoint_config(name: str) -> dict:
     """A checkpoint's config.json; a folder or Hub id without one naming a `model_type` is a `UsageError`."""
-    try:
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise UsageError(f"--model {name}: not a model checkpoint (the folder has no config.json).")
+    with loading("--model", name):
         config, _ = PreTrainedConfig.get_config_dict(name)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--model {name}: not a model checkpoint ({error}).") from None
     if not config.get("model_type"):
         raise UsageError(f"--model {name}: not a model checkpoint (no config.json naming a model_type).")
     return config
@@ -490,38 +483,6 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         length_column_name="length",
     )
-
-
-class AtomicCheckpoints:
-    """Mixin for a transformers `Trainer` (or subclass): checkpoints are written atomically.
-
-    Used by both pre-training and fine-tuning, so no run ever leaves a half-written `checkpoint-N`.
-    """
-
-    def _save_checkpoint(self, model, trial):
-        """Write `checkpoint-N` under a staging folder, then rename it into place: never a half-written checkpoint."""
-        output_dir = self.args.output_dir
-        staging = os.path.join(output_dir, STAGING_FOLDER)
-        self.args.output_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = output_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=output_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
 
 
 class RetroMAETrainer(AtomicCheckpoints, Trainer):

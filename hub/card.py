@@ -11,6 +11,7 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from ..errors import UsageError
 from ..model_folder import public_name
 from ..modeling_retromae import builds_pooler
 
@@ -49,7 +50,7 @@ PRETRAINING_ROWS = {
 }
 
 
-class CardError(ValueError):
+class CardError(UsageError):
     """A model card that cannot be rendered or does not validate; the message says what is wrong."""
 
 

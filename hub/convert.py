@@ -15,6 +15,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 from ..configuration_retromae import RETROMAE_FIELDS
+from ..errors import check_exists, loading
 from ..model_folder import folder_model_type, load_encoder, public_name, quiet_loading, save_atomically, write_model_files
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS, write_sentence_transformers_files
 from .release import PROBE_TEXTS, TOLERANCE, ReleaseError
@@ -31,11 +32,12 @@ def convert(source: str, destination: str | Path) -> bool:
     encoder is converted as is and the head is freshly initialised.
     """
     model_type = check_model_type(source)
-    if model_type == "retromae":
-        model, missing = load_encoder(source), []
-    else:
-        model, missing = load(RELEASED_ENCODERS[model_type][1], source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with loading("SRC", source):
+        if model_type == "retromae":
+            model, missing = load_encoder(source), []
+        else:
+            model, missing = load(RELEASED_ENCODERS[model_type][1], source)
+        tokenizer = model_tokenizer(source, model.config.vocab_size)
     record = {"converted_from": public_name(source), "base_model": public_name(source)}
     save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record))
     check_same_encoder(str(destination), model.base_model, tokenizer)
@@ -45,8 +47,9 @@ def convert(source: str, destination: str | Path) -> bool:
 def export_plain(source: str, destination: str | Path) -> Path:
     """Write a RetroMAE model as its family's own `...ForMaskedLM` folder with no remote code at all (no `auto_map`, no .py), same weights."""
     check_model_type(source)
-    retromae = load_encoder(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with loading("SRC", source):
+        retromae = load_encoder(source)
+        tokenizer = model_tokenizer(source, retromae.config.vocab_size)
     settings = {k: v for k, v in retromae.config.to_dict().items() if k not in ("auto_map", *RETROMAE_FIELDS)}
     config = CONFIG_MAPPING[retromae.config.model_type](**settings)
     plain = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config)
@@ -63,11 +66,23 @@ def export_plain(source: str, destination: str | Path) -> Path:
     return Path(destination)
 
 
+def model_tokenizer(source: str, vocab_size: int):
+    """The source's own tokenizer; a folder without one (transformers then makes a tokenizer of a few special tokens) is refused."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if len(tokenizer) < vocab_size // 2:
+        raise ReleaseError(
+            f"{source} holds no tokenizer of its own (the one loaded has {len(tokenizer)} tokens for a vocabulary of "
+            f"{vocab_size}): save the model's tokenizer into it first (tokenizer.save_pretrained)."
+        )
+    return tokenizer
+
+
 def check_model_type(source: str) -> str:
     """The source's model type, if it is a supported family or a RetroMAE checkpoint."""
+    check_exists("SRC", source)
     try:
         model_type = folder_model_type(source)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ReleaseError(f"{source} is not a model folder or a Hub model id ({error}).") from None
     if model_type not in ACCEPTED:
         raise ReleaseError(f"{source} holds a {model_type!r} model; expected one of {', '.join(ACCEPTED)}.")

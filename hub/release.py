@@ -18,10 +18,10 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from sentence_transformers import SentenceTransformer
-from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from ..model_folder import PRETRAINING_FILE, encoder_config_dict, load_encoder, quiet_loading, save_atomically, write_model_files
+from ..errors import UsageError, loading
+from ..model_folder import PRETRAINING_FILE, encoder_config_dict, load_encoder, quiet_loading, safetensors_shapes, save_atomically, write_model_files
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS
 from ..sentence_transformer import load_sentence_transformer
 from .card import TEMPLATE, model_card, public_record
@@ -37,7 +37,7 @@ PROBE_TEXTS = [
 TOLERANCE = 1e-5
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UsageError):
     """A release that cannot be made: the message names the input and the problem."""
 
 
@@ -63,12 +63,14 @@ def release(
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
-        save_atomically(folder, lambda path: assemble(source, path, str(card), pretraining))
+        with loading("MODEL_DIR", str(source)):
+            save_atomically(folder, lambda path: assemble(source, path, str(card), pretraining))
         check_release(folder, source)
         return str(folder)
     with tempfile.TemporaryDirectory() as workspace:
         folder = Path(workspace) / "repo"
-        assemble(source, folder, str(card), pretraining)
+        with loading("MODEL_DIR", str(source)):
+            assemble(source, folder, str(card), pretraining)
         check_release(folder, source)
         return upload(folder, repo_id, private, commit_message or f"Release {repo_id} (retromae)", api or HfApi(token=token))
 
@@ -87,8 +89,11 @@ def check_model_folder(folder: Path) -> Path:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ReleaseError(f"{folder} is not a model folder: it has no config.json.")
-    config = json.loads(config_file.read_text())
-    model_type = config.get("model_type")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ReleaseError(f"{config_file} is not valid JSON ({error}).") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in (*ENCODER_FAMILIES, "retromae"):
         raise ReleaseError(f"{folder} holds a {model_type!r} model, not a RetroMAE one.")
     if model_type != "retromae" and not config.get("auto_map", {}).get("AutoModel", "").startswith("modeling_retromae."):
@@ -126,10 +131,7 @@ def has_mlm_head(source: Path) -> bool:
     if config.get("model_type") == "retromae":
         return True
     prefix = RELEASED_ENCODERS[config["model_type"]][0].base_model_prefix + "."
-    keys = set()
-    for file in source.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as weights:
-            keys.update(weights.keys())
+    keys = safetensors_shapes(source)
     return any(key.startswith(prefix) for key in keys) and any(not key.startswith(prefix) for key in keys)
 
 
@@ -164,6 +166,11 @@ def compare(route: str, released: torch.Tensor, original: torch.Tensor) -> None:
 
 def upload(folder: Path, repo_id: str, private: bool, commit_message: str, api: HfApi) -> str:
     """Create the repo if needed and push `folder` as one commit; the commit URL."""
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=folder, repo_id=repo.repo_id, commit_message=commit_message)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo.repo_id, commit_message=commit_message)
+    except Exception as error:  # offline, refused, no rights: huggingface_hub and its HTTP client raise several types
+        if not isinstance(error, OSError) and type(error).__module__.split(".")[0] not in ("huggingface_hub", "httpx", "requests"):
+            raise
+        raise ReleaseError(f"Could not upload {repo_id} to the Hub (nothing was sent): {str(error).strip().splitlines()[0]}") from None
     return commit.commit_url
