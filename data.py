@@ -28,14 +28,27 @@ class CorpusError(UsageError):
 
 def json_lines(path: str | os.PathLike, error: type[Exception] = CorpusError) -> Iterator[tuple[int, object]]:
     """(line number, record) for every non-blank line of a JSON-lines file; a bad line raises `error` naming it."""
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise error(f"{path}:{number} is not UTF-8 text.") from None
             except json.JSONDecodeError as decode_error:
                 raise error(f"{path}:{number} is not valid JSON ({decode_error.msg}).") from None
+
+
+def tsv_rows(path: str | os.PathLike, error: type[Exception] = CorpusError) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for every line of a tab-separated file, quotes taken literally; a line that is not UTF-8 raises `error` naming it."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise error(f"{path}:{number} is not UTF-8 text.") from None
+            yield number, text.split("\t") if text else []
 
 
 @dataclass

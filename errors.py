@@ -77,10 +77,10 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
 
 
-def check_exists(what: str, name: str) -> None:
+def check_exists(what: str, name: str, error: type[UsageError] = UsageError) -> None:
     """A `what` (e.g. `--model`) that names a local path must exist; a Hub id is left to the loader."""
     if looks_like_path(name) and not Path(name).expanduser().exists():
-        raise UsageError(f"{what} {name}: no such file or folder.")
+        raise error(f"{what} {name}: no such file or folder.")
 
 
 @contextmanager

@@ -6,7 +6,6 @@ scores are relevance grades: the figures are trec_eval's (through `pytrec_eval`)
 MTEB report them, so nDCG@10 gains by grade on graded sets such as TREC-COVID or NFCorpus.
 """
 
-import csv
 import json
 import statistics
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytrec_eval
 from sentence_transformers import SentenceTransformer
 
-from .data import json_lines
+from .data import json_lines, tsv_rows
 from .errors import UsageError, loading
 from .sentence_transformer import load_sentence_transformer
 
@@ -72,19 +71,18 @@ def read_jsonl(path: Path) -> list[dict]:
 def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> dict[str, dict[str, int]]:
     """The grade of each relevant document (score > 0) per query; ids absent from queries or corpus raise naming the line."""
     relevant: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as lines:
-        for number, row in enumerate(csv.reader(lines, delimiter="\t"), start=1):
-            if not row or (number == 1 and row[0] == "query-id"):
-                continue
-            if len(row) != 3 or not row[2].lstrip("-").isdigit():
-                raise EvaluationError(f"{path}:{number} is not 'query-id<TAB>corpus-id<TAB>score'.")
-            query, document, score = row[0], row[1], int(row[2])
-            if query not in queries:
-                raise EvaluationError(f"{path}:{number}: query {query!r} is not in queries.jsonl.")
-            if document not in corpus:
-                raise EvaluationError(f"{path}:{number}: document {document!r} is not in corpus.jsonl.")
-            if score > 0:
-                relevant.setdefault(query, {})[document] = score
+    for number, row in tsv_rows(path, EvaluationError):
+        if not row or (number == 1 and row[0] == "query-id"):
+            continue
+        if len(row) != 3 or not row[2].lstrip("-").isdigit():
+            raise EvaluationError(f"{path}:{number} is not 'query-id<TAB>corpus-id<TAB>score'.")
+        query, document, score = row[0], row[1], int(row[2])
+        if query not in queries:
+            raise EvaluationError(f"{path}:{number}: query {query!r} is not in queries.jsonl.")
+        if document not in corpus:
+            raise EvaluationError(f"{path}:{number}: document {document!r} is not in corpus.jsonl.")
+        if score > 0:
+            relevant.setdefault(query, {})[document] = score
     if not relevant:
         raise EvaluationError(f"{path} judges no document relevant.")
     return relevant

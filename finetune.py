@@ -6,7 +6,6 @@ MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larg
 """
 
 import argparse
-import csv
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-from .data import json_lines
+from .data import json_lines, tsv_rows
 from .errors import UsageError, at_least, loading, positive, seed, steps
 from .model_folder import save_atomically
 from .sentence_transformer import load_sentence_transformer
@@ -140,11 +139,10 @@ def read_jsonl_examples(path: Path) -> list[list[str]]:
 
 def read_tsv_examples(path: Path) -> list[list[str]]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as lines:
-        for number, row in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row:
-                continue
-            if len(row) < 2 or not all(text.strip() for text in row):
-                raise UsageError(f"{path}:{number} is not query<TAB>positive[<TAB>negative...].")
-            rows.append(row)
+    for number, row in tsv_rows(path, UsageError):
+        if not row:
+            continue
+        if len(row) < 2 or not all(text.strip() for text in row):
+            raise UsageError(f"{path}:{number} is not query<TAB>positive[<TAB>negative...].")
+        rows.append(row)
     return rows

@@ -79,7 +79,7 @@ def model_tokenizer(source: str, vocab_size: int):
 
 def check_model_type(source: str) -> str:
     """The source's model type, if it is a supported family or a RetroMAE checkpoint."""
-    check_exists("SRC", source)
+    check_exists("SRC", source, ReleaseError)
     try:
         model_type = folder_model_type(source)
     except (OSError, ValueError) as error:

@@ -80,13 +80,17 @@ def test_tsv_with_hard_negatives_and_the_cached_loss(tmp_path, base_model):
         ('{"query": "q", "positive": "p"}\n{"query": "q2"}\n', [], "pairs.jsonl:2 needs non-empty 'query' and 'positive'"),
         ('{"query": "q", "positive": "p"}\n{"query": "q2", "positive": "p2", "negative": "n"}\n', [], "same number of negatives"),
         ("not json\n", [], "pairs.jsonl:1 is not valid JSON"),
-        ('{"query": "q", "positive": "p"}\n', ["--temperature", "0"], "--temperature must be positive"),
+        ('{"query": "q", "positive": "p"}\n', ["--temperature", "0"], "argument --temperature: must be above 0"),
     ],
 )
 def test_bad_input_fails_with_a_clear_message(tmp_path, base_model, capsys, content, extra, message):
     data = tmp_path / "pairs.jsonl"
     if content is not None:
         data.write_text(content)
-    assert main(finetune_args(base_model, data, tmp_path / "run", *extra)) == 2
+    try:
+        code = main(finetune_args(base_model, data, tmp_path / "run", *extra))
+    except SystemExit as refused:  # argparse's refusal of a bad number
+        code = refused.code
+    assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -301,7 +301,7 @@ def test_convert_real_minilm_weights_gives_identical_encoder_outputs(tmp_path, t
 
 @pytest.mark.parametrize(
     "source, message",
-    [("missing-folder", "is not a model folder or a Hub model id"), ("gpt2", "holds a 'gpt2' model; expected one of bert, roberta")],
+    [("missing-folder", "missing-folder: no such file or folder"), ("gpt2", "holds a 'gpt2' model; expected one of bert, roberta")],
 )
 def test_convert_refuses_what_is_not_a_supported_encoder(tmp_path, source, message):
     if source == "gpt2":
