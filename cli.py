@@ -9,8 +9,8 @@ from pathlib import Path
 from . import finetune, pretrain
 from .errors import Destination, Interrupted, UsageError, at_least
 from .model_folder import PRETRAINING_FILE
-from .evaluate import METRICS, evaluate, load_beir, load_model
-from .hub import ReleaseError, convert, export_plain, release
+from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
+from .hub import ReleaseError, convert, convert_sparse, export_plain, release
 from .hub.card import TEMPLATE
 
 
@@ -60,8 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         "a bare encoder or RetroMAE folder is embedded by its first-token state.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    evaluation.add_argument("model", help="Model folder or Hub id.")
+    evaluation.add_argument("model", nargs="+", metavar="MODEL", help="Model folder or Hub id; with --hybrid, the dense model then the sparse one.")
     evaluation.add_argument("data", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    retrievers = evaluation.add_mutually_exclusive_group()
+    retrievers.add_argument(
+        "--sparse", action="store_true",
+        help="MODEL is a sparse (SPLADE) model (`retromae convert --sparse`, `retromae finetune --sparse`): rank by the dot product of its sparse embeddings.",
+    )
+    retrievers.add_argument(
+        "--hybrid", action="store_true",
+        help="Give two models, DENSE SPARSE, and fuse their rankings: per query, each one's top-100 scores min-max "
+        "normalised to [0, 1] (0 where it did not retrieve the document), fused score = w * dense + (1 - w) * sparse.",
+    )
+    evaluation.add_argument("--dense-weight", type=float, metavar="W", help="With --hybrid: the dense ranking's weight w in [0, 1]; 0.5 when not given.")
     evaluation.add_argument("--split", default="test", help="Which qrels/<split>.tsv to score.")
     evaluation.add_argument("--batch-size", type=at_least(1), default=32, help="Texts per encoding batch.")
     evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON (checked before scoring).")
@@ -111,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--plain", "--to-bert", dest="plain", action="store_true",
         help="Export a RetroMAE model as its family's own checkpoint (BertForMaskedLM for a BERT) with no remote code.",
     )
+    converting.add_argument(
+        "--sparse", action="store_true",
+        help="Write the sparse (SPLADE) model of a checkpoint with an MLM head (a RetroMAE or DupMAE release): the family's "
+        "...ForMaskedLM with max pooling of log(1 + ReLU(MLM scores)), loaded by SparseEncoder(DST) with no flag.",
+    )
     converting.set_defaults(handler=run_convert)
     return parser
 
@@ -132,10 +148,19 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    check_evaluation_arguments(args)
     output = Destination("--output", args.output, args.overwrite, folder=False).check()
     task = load_beir(args.data, args.split)
-    figures = evaluate(load_model(args.model), task, args.batch_size)
-    report = {"model": args.model, "data": args.data, "split": args.split, "queries": len(task.queries), "documents": len(task.corpus), **figures}
+    if args.hybrid:
+        dense, sparse = args.model
+        weight = HYBRID_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight
+        figures = evaluate_hybrid(load_model(dense), load_sparse_model(sparse), task, weight, args.batch_size)
+        described = {"model": dense, "sparse_model": sparse, "retriever": "hybrid", "fusion": "min-max", "dense_weight": weight}
+    else:
+        model = (load_sparse_model if args.sparse else load_model)(args.model[0])
+        figures = evaluate(model, task, args.batch_size)
+        described = {"model": args.model[0], "retriever": "sparse" if args.sparse else "dense"}
+    report = {**described, "data": args.data, "split": args.split, "queries": len(task.queries), "documents": len(task.corpus), **figures}
     text = json.dumps(report, indent=2)
     write_file_atomically(output, text + "\n")
     print(text)
@@ -147,6 +172,18 @@ def write_file_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def check_evaluation_arguments(args: argparse.Namespace) -> None:
+    """One MODEL, or DENSE SPARSE with --hybrid; --dense-weight only with --hybrid, within [0, 1]."""
+    if args.hybrid and len(args.model) != 2:
+        raise UsageError(f"--hybrid takes two models, DENSE then SPARSE, before DATA; got {len(args.model)}.")
+    if not args.hybrid and len(args.model) != 1:
+        raise UsageError(f"evaluate takes one MODEL before DATA (two only with --hybrid DENSE SPARSE); got {len(args.model)}.")
+    if args.dense_weight is not None and not args.hybrid:
+        raise UsageError("--dense-weight weighs the dense ranking of a fusion: give it with --hybrid DENSE SPARSE.")
+    if args.dense_weight is not None and not 0 <= args.dense_weight <= 1:
+        raise UsageError(f"--dense-weight must be between 0 and 1, got {args.dense_weight}.")
 
 
 def run_release(args: argparse.Namespace) -> None:
@@ -184,7 +221,14 @@ def read_report(path: str) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    if args.plain and args.sparse:
+        raise UsageError("--plain and --sparse write different folders: give one of them.")
     Destination("DST", args.destination, args.overwrite).check(source=args.source)
+    if args.sparse:
+        convert_sparse(args.source, args.destination)
+        print(f"Sparse (SPLADE) model written to {args.destination}: SparseEncoder({str(args.destination)!r}) loads it, no flag.")
+        print(f"Publish it with: retromae release {args.destination} --repo-id ORG/NAME-sparse")
+        return
     if args.plain:
         export_plain(args.source, args.destination)
         print(f"Plain checkpoint written to {args.destination}: loads with its family's own classes, no remote code.")

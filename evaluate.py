@@ -4,6 +4,11 @@ A BEIR folder holds `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_
 and `qrels/<split>.tsv` (`query-id`, `corpus-id`, `score`; a header line is allowed). The
 scores are relevance grades: the figures are trec_eval's (through `pytrec_eval`), as BEIR and
 MTEB report them, so nDCG@10 gains by grade on graded sets such as TREC-COVID or NFCorpus.
+
+A sparse (SPLADE) model is scored the same way, ranking by the dot product of its sparse
+embeddings. A hybrid run fuses a dense and a sparse ranking (`fuse`): each retriever's scores of a
+query's top `RANKED` documents are min-max normalised to [0, 1], a document it did not retrieve
+counts 0, and the fused score is w * dense + (1 - w) * sparse.
 """
 
 import json
@@ -12,16 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytrec_eval
-from sentence_transformers import SentenceTransformer
+import torch
+from sentence_transformers import SentenceTransformer, SparseEncoder
 
 from .data import json_lines, tsv_rows
 from .errors import UsageError, loading
 from .sentence_transformer import load_sentence_transformer
-
+from .sparse_encoder import load_sparse_encoder
 
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 RANKED = 100  # documents retrieved per query: the deepest cut of METRICS
+HYBRID_DENSE_WEIGHT = 0.5  # the dense ranking's weight in a fusion: the two count alike
 
 
 class EvaluationError(UsageError):
@@ -94,13 +101,23 @@ def load_model(model_name_or_path: str) -> SentenceTransformer:
         return load_sentence_transformer(model_name_or_path)
 
 
-def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:
+def load_sparse_model(model_name_or_path: str) -> SparseEncoder:
+    """The sparse model to evaluate (see `load_sparse_encoder`); one that cannot be loaded, or is not sparse, raises `UsageError` naming it."""
+    with loading("MODEL", model_name_or_path):
+        return load_sparse_encoder(model_name_or_path)
+
+
+def evaluate(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:
     """nDCG@10 (graded), MRR@10 and Recall@100 of `model` on `task`, ranking by the model's own similarity."""
-    run = rank(model, task, batch_size)
+    return score_run(rank(model, task, batch_size), task.relevant)
+
+
+def score_run(run: dict[str, dict[str, float]], relevant: dict[str, dict[str, int]]) -> dict[str, float]:
+    """trec_eval's nDCG@10 (graded), MRR@10 and Recall@100 of a run (documents best first), averaged over the judged queries."""
     top_ten = {query: dict(list(ranked.items())[:10]) for query, ranked in run.items()}
-    trec_eval = pytrec_eval.RelevanceEvaluator(task.relevant, {"ndcg_cut.10", "recall.100"})
+    trec_eval = pytrec_eval.RelevanceEvaluator(relevant, {"ndcg_cut.10", "recall.100"})
     per_query = trec_eval.evaluate(run)
-    reciprocal_ranks = pytrec_eval.RelevanceEvaluator(task.relevant, {"recip_rank"}).evaluate(top_ten)
+    reciprocal_ranks = pytrec_eval.RelevanceEvaluator(relevant, {"recip_rank"}).evaluate(top_ten)
     return {
         "ndcg@10": statistics.fmean(figures["ndcg_cut_10"] for figures in per_query.values()),
         "mrr@10": statistics.fmean(figures["recip_rank"] for figures in reciprocal_ranks.values()),
@@ -108,7 +125,37 @@ def evaluate(model: SentenceTransformer, task: RetrievalTask, batch_size: int = 
     }
 
 
-def rank(model: SentenceTransformer, task: RetrievalTask, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluate_hybrid(
+    dense: SentenceTransformer, sparse: SparseEncoder, task: RetrievalTask, dense_weight: float, batch_size: int = 32
+) -> dict[str, float]:
+    """The figures of `fuse`'s ranking of `task` by the dense and the sparse model, the dense one weighing `dense_weight`."""
+    return score_run(fuse(rank(dense, task, batch_size), rank(sparse, task, batch_size), dense_weight), task.relevant)
+
+
+def fuse(dense: dict[str, dict[str, float]], sparse: dict[str, dict[str, float]], dense_weight: float) -> dict[str, dict[str, float]]:
+    """
+    The hybrid run: per query, w * n_dense(d) + (1 - w) * n_sparse(d) over the documents either retrieved, best first, cut at `RANKED`.
+
+    n is min-max normalisation over the retriever's own ranked list, (s - min) / (max - min), 1 where
+    all its scores are equal; a document the retriever did not retrieve gets 0 from it.
+    """
+    fused = {}
+    for query in dense:
+        normalised_dense, normalised_sparse = min_max(dense[query]), min_max(sparse[query])
+        scores = {
+            document: dense_weight * normalised_dense.get(document, 0.0) + (1 - dense_weight) * normalised_sparse.get(document, 0.0)
+            for document in normalised_dense | normalised_sparse
+        }
+        fused[query] = dict(sorted(scores.items(), key=lambda item: item[1], reverse=True)[:RANKED])
+    return fused
+
+
+def min_max(scores: dict[str, float]) -> dict[str, float]:
+    low, high = min(scores.values()), max(scores.values())
+    return {document: (value - low) / (high - low) if high > low else 1.0 for document, value in scores.items()}
+
+
+def rank(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int) -> dict[str, dict[str, float]]:
     """The `RANKED` most similar documents of every query, best first, with their similarity: a trec_eval run."""
     document_ids, query_ids = list(task.corpus), list(task.queries)
     encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True)
@@ -116,7 +163,8 @@ def rank(model: SentenceTransformer, task: RetrievalTask, batch_size: int) -> di
     queries = model.encode_query([task.queries[q] for q in query_ids], **encode)
     run = {}
     for start in range(0, len(query_ids), 256):
-        similarity = model.similarity(queries[start : start + 256], documents)  # (queries, documents)
+        block = torch.arange(start, min(start + 256, len(query_ids)), device=queries.device)
+        similarity = model.similarity(queries.index_select(0, block), documents)  # (queries, documents); sparse rows do not slice
         scores, indices = similarity.topk(min(RANKED, len(document_ids)), dim=1)
         for query, row_scores, row_indices in zip(query_ids[start : start + 256], scores.tolist(), indices.tolist()):
             run[query] = {document_ids[i]: score for i, score in zip(row_indices, row_scores)}

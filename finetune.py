@@ -3,6 +3,13 @@
 As in the paper's fine-tuning: each query is pulled towards its positive passage and away from
 the other passages of the batch (in-batch negatives) and from its mined hard negatives, with
 MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larger than memory.
+
+With `--sparse` the model is a SPLADE one (`retromae convert --sparse`, a DupMAE run's OUTPUT_DIR/sparse)
+and the loss sentence-transformers' SpladeLoss: the same in-batch and hard negatives ranked by dot
+product (SparseMultipleNegativesRankingLoss), plus FLOPS regularisers on the query and document
+embeddings, lambda_q * FLOPS(queries) + lambda_d * FLOPS(documents), FLOPS being the sum over the
+vocabulary of each term's squared mean weight in the batch (Paria et al. 2020), which keeps the
+vectors sparse.
 """
 
 import argparse
@@ -11,18 +18,27 @@ from pathlib import Path
 
 import datasets
 import torch
-from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SparseEncoder, SparseEncoderTrainer
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+from sentence_transformers.sparse_encoder.losses import CachedSpladeLoss, SparseMultipleNegativesRankingLoss, SpladeLoss
+from torch import nn
 
 from .data import json_lines, tsv_rows
 from .errors import UsageError, at_least, loading, positive, seed, steps
 from .model_folder import save_atomically
 from .sentence_transformer import load_sentence_transformer
+from .sparse_encoder import load_sparse_encoder
 from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, resume_checkpoint
+
+
+TEMPERATURE = 0.05  # of the cosine similarity of dense embeddings, as in the paper's fine-tuning
+SPARSE_TEMPERATURE = 1.0  # of the dot product of sparse embeddings, as in SPLADE
+QUERY_REGULARIZER_WEIGHT = 5e-5  # lambda_q and lambda_d of sentence-transformers' SPLADE training examples
+DOCUMENT_REGULARIZER_WEIGHT = 3e-5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +51,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or .tsv with query<TAB>positive[<TAB>negative...].",
     )
     parser.add_argument("--output-dir", required=True, help="Where checkpoints and the final model (OUTPUT_DIR/model) go.")
-    parser.add_argument("--temperature", type=positive, default=0.05, help="Softmax temperature of the contrastive loss. Default: 0.05.")
+    parser.add_argument(
+        "--temperature", type=positive,
+        help=f"Softmax temperature of the contrastive loss; when not given, {TEMPERATURE} (cosine), or {SPARSE_TEMPERATURE} with --sparse (dot product).",
+    )
     parser.add_argument("--cached", type=at_least(1), metavar="MINI_BATCH", help="Use the cached (GradCache) loss with this mini-batch size.")
+    parser.add_argument(
+        "--sparse", action="store_true",
+        help="Fine-tune a sparse (SPLADE) model (from `retromae convert --sparse`) with SpladeLoss; OUTPUT_DIR/model loads with SparseEncoder.",
+    )
+    parser.add_argument(
+        "--query-regularizer-weight", type=at_least(0, float), metavar="LAMBDA_Q",
+        help=f"With --sparse: weight of the FLOPS regulariser on query embeddings (higher: sparser queries); {QUERY_REGULARIZER_WEIGHT} when not given.",
+    )
+    parser.add_argument(
+        "--document-regularizer-weight", type=at_least(0, float), metavar="LAMBDA_D",
+        help=f"With --sparse: weight of the FLOPS regulariser on positive and negative passages; {DOCUMENT_REGULARIZER_WEIGHT} when not given.",
+    )
     parser.add_argument("--batch-size", type=at_least(1), default=32, help="Queries per batch (each brings its positive and negatives). Default: 32.")
     parser.add_argument("--epochs", type=positive, default=1.0, help="Passes over the data. Default: 1.")
     parser.add_argument("--max-steps", type=steps, default=-1, help="Optimiser steps; -1 trains for --epochs. Default: -1.")
@@ -52,20 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     """Fine-tune as `args` say; return the folder of the final model."""
+    check_sparse_arguments(args)
     check_report_to(args.report_to)
     check_output_dir(args)
     dataset = load_examples(args.train_data)
     warn_if_few_pairs(dataset, args.batch_size, args.train_data)
-    with loading("--model", args.model):
-        model = load_sentence_transformer(args.model)
-    scale = 1.0 / args.temperature
-    loss = (
-        CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.cached)
-        if args.cached
-        else MultipleNegativesRankingLoss(model, scale=scale)
-    )
+    model, loss, trainer_class = sparse_training(args) if args.sparse else dense_training(args)
     interrupt = StopOnInterrupt()
-    trainer = ContrastiveTrainer(model=model, args=training_arguments(args), train_dataset=dataset, loss=loss, callbacks=[interrupt])
+    trainer = trainer_class(model=model, args=training_arguments(args, trainer_class), train_dataset=dataset, loss=loss, callbacks=[interrupt])
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     if interrupt.requested:
         raise interrupt.stopped(args.argv, trainer.state.global_step, args.output_dir)
@@ -74,12 +99,52 @@ def run(args: argparse.Namespace) -> Path:
     return final
 
 
+def check_sparse_arguments(args: argparse.Namespace) -> None:
+    """Regulariser weights only with --sparse; the defaults of the temperature and the weights filled in."""
+    for flag, weight in (("--query-regularizer-weight", args.query_regularizer_weight), ("--document-regularizer-weight", args.document_regularizer_weight)):
+        if weight is not None and not args.sparse:
+            raise UsageError(f"{flag} weighs a FLOPS regulariser of sparse fine-tuning: give it with --sparse.")
+    if args.temperature is None:
+        args.temperature = SPARSE_TEMPERATURE if args.sparse else TEMPERATURE
+    if args.sparse:
+        args.query_regularizer_weight = QUERY_REGULARIZER_WEIGHT if args.query_regularizer_weight is None else args.query_regularizer_weight
+        args.document_regularizer_weight = DOCUMENT_REGULARIZER_WEIGHT if args.document_regularizer_weight is None else args.document_regularizer_weight
+
+
+def dense_training(args: argparse.Namespace) -> tuple[SentenceTransformer, nn.Module, type]:
+    """The dense model, MultipleNegativesRankingLoss (cached with --cached) and its trainer."""
+    with loading("--model", args.model):
+        model = load_sentence_transformer(args.model)
+    scale = 1.0 / args.temperature
+    loss = (
+        CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.cached)
+        if args.cached
+        else MultipleNegativesRankingLoss(model, scale=scale)
+    )
+    return model, loss, ContrastiveTrainer
+
+
+def sparse_training(args: argparse.Namespace) -> tuple[SparseEncoder, nn.Module, type]:
+    """The SPLADE model, SpladeLoss (cached with --cached) around SparseMultipleNegativesRankingLoss, and its trainer."""
+    with loading("--model", args.model):
+        model = load_sparse_encoder(args.model)
+    ranking = SparseMultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
+    weights = {"query_regularizer_weight": args.query_regularizer_weight, "document_regularizer_weight": args.document_regularizer_weight}
+    loss = CachedSpladeLoss(model, ranking, mini_batch_size=args.cached, **weights) if args.cached else SpladeLoss(model, ranking, **weights)
+    return model, loss, SparseContrastiveTrainer
+
+
 class ContrastiveTrainer(AtomicCheckpoints, SentenceTransformerTrainer):
     """`SentenceTransformerTrainer` with checkpoints written atomically."""
 
 
-def training_arguments(args: argparse.Namespace) -> SentenceTransformerTrainingArguments:
-    return SentenceTransformerTrainingArguments(
+class SparseContrastiveTrainer(AtomicCheckpoints, SparseEncoderTrainer):
+    """`SparseEncoderTrainer` with checkpoints written atomically."""
+
+
+def training_arguments(args: argparse.Namespace, trainer_class: type):
+    """The run's settings, as the arguments class that `trainer_class` takes."""
+    return trainer_class.training_args_class(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs,

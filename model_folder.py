@@ -1,10 +1,11 @@
 """The model folders handed to users, and how every one of them is written: in full, or not at all.
 
-Whatever writes a folder a user loads (`retromae pretrain`'s OUTPUT_DIR/model, `retromae
+Whatever writes a dense folder a user loads (`retromae pretrain`'s OUTPUT_DIR/model, `retromae
 convert`, `retromae release`) goes through `write_model_files`, whose layout is the encoder's
 own `save_pretrained`: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in,
 sentence-transformers files for first-token pooling. `retromae finetune` saves through sentence-transformers, which calls
-the same `save_pretrained`.
+the same `save_pretrained`. A sparse (SPLADE) folder holds `plain_masked_lm`'s checkpoint instead
+(see `retromae.sparse_encoder`).
 """
 
 import importlib.util
@@ -17,8 +18,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.utils import logging as transformers_logging
 
+from .configuration_retromae import RETROMAE_FIELDS
 from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, encoder_family
 
 
@@ -48,8 +52,26 @@ def write_model_files(
     """The encoder (release layout), its tokenizer and, where there is one, the record of its pre-training."""
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    write_pretraining_record(folder, pretraining)
+
+
+def write_pretraining_record(folder: Path, pretraining: dict | None) -> None:
+    """`retromae_pretraining.json`, the run's settings that a release's card shows; nothing where there is no record."""
     if pretraining is not None:
         (Path(folder) / PRETRAINING_FILE).write_text(json.dumps(pretraining, indent=2) + "\n")
+
+
+def plain_masked_lm(encoder: PreTrainedModel) -> PreTrainedModel:
+    """
+    The encoder as its family's own `...ForMaskedLM` (`BertForMaskedLM`, ...), same weights: a config with
+    no `auto_map` and no RetroMAE settings, so that what is saved from it loads with no remote code at all.
+    """
+    settings = {k: v for k, v in encoder.config.to_dict().items() if k not in ("auto_map", *RETROMAE_FIELDS)}
+    config = CONFIG_MAPPING[encoder.config.model_type](**settings)
+    plain = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config)
+    plain.load_state_dict(encoder.state_dict())
+    plain.config.architectures = [type(plain).__name__]
+    return plain.eval()
 
 
 def folder_model_type(source: str | os.PathLike) -> str:

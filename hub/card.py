@@ -2,6 +2,7 @@
 
 Rendered from `model_card_template.md` with huggingface_hub's `ModelCard.from_template`, so the
 YAML header is `ModelCardData`'s own, and checked by parsing it back before anything is uploaded.
+One template serves both kinds of release; `sparse` switches its description and usage to the SPLADE model's.
 """
 
 from pathlib import Path
@@ -18,7 +19,9 @@ from ..modeling_retromae import builds_pooler
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TAGS = ["retromae", "sentence-transformers", "feature-extraction"]
+SPARSE_TAGS = ["retromae", "sentence-transformers", "sparse-encoder", "sparse", "splade", "feature-extraction"]
 PIPELINE_TAG = "sentence-similarity"
+SPARSE_PIPELINE_TAG = "feature-extraction"  # sentence-transformers' own tag for SparseEncoder models
 METRIC_NAMES = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "Recall@100"}
 CITATION = """@inproceedings{xiao2022retromae,
   title     = {RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder},
@@ -27,6 +30,13 @@ CITATION = """@inproceedings{xiao2022retromae,
   pages     = {538--548},
   year      = {2022},
   url       = {https://arxiv.org/abs/2205.12035}
+}"""
+SPLADE_CITATION = """@article{formal2021spladev2,
+  title   = {SPLADE v2: Sparse Lexical and Expansion Model for Information Retrieval},
+  author  = {Formal, Thibault and Lassance, Carlos and Piwowarski, Benjamin and Clinchant, St{\\'e}phane},
+  journal = {arXiv preprint arXiv:2109.10086},
+  year    = {2021},
+  url     = {https://arxiv.org/abs/2109.10086}
 }"""
 NAMED_SOURCES = ("base_model", "converted_from", "corpus")
 PRETRAINING_ROWS = {
@@ -62,10 +72,12 @@ def model_card(
     language: str = "en",
     template: str | Path = TEMPLATE,
     encoder: dict | None = None,
+    sparse: bool = False,
 ) -> ModelCard:
     """
     The card of `repo_id`, from the run's settings (`retromae_pretraining.json`), `retromae evaluate`
-    reports and the encoder's config (its family; BERT where it is not given).
+    reports and the encoder's config (its family; BERT where it is not given); with `sparse`, the
+    card of the SPLADE model made from the encoder's MLM head.
     """
     encoder = encoder or {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
     pretraining = public_record(pretraining or {})
@@ -74,8 +86,8 @@ def model_card(
         license=license,
         language=language,
         library_name="sentence-transformers",
-        pipeline_tag=PIPELINE_TAG,
-        tags=TAGS,
+        pipeline_tag=SPARSE_PIPELINE_TAG if sparse else PIPELINE_TAG,
+        tags=SPARSE_TAGS if sparse else TAGS,
         base_model=base_model,
         datasets=pretraining.get("datasets") or None,
         model_name=repo_id.split("/")[-1],
@@ -86,8 +98,9 @@ def model_card(
         "model_name": repo_id.split("/")[-1],
         "base_model_sentence": f"It starts from [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
         "pretraining_table": pretraining_table(pretraining),
-        "evaluation_table": evaluation_table(evaluations),
-        "citation": CITATION,
+        "evaluation_table": evaluation_table(evaluations, sparse),
+        "citation": f"{CITATION}\n\n{SPLADE_CITATION}" if sparse else CITATION,
+        "sparse": sparse,
         "model_type": encoder["model_type"],
         "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
         "model_arguments": ", add_pooling_layer=False" if builds_pooler(encoder["model_type"]) else "",
@@ -137,7 +150,7 @@ def pretraining_table(pretraining: dict) -> str:
     return "\n".join(["| setting | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in rows)])
 
 
-def evaluation_table(evaluations: list[dict]) -> str:
+def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
     if not evaluations:
         return "No evaluation was given with this release (`retromae evaluate` writes one)."
     header = ["| data | split | queries | documents | " + " | ".join(METRIC_NAMES.values()) + " |", "|---|---|---|---|---|---|---|"]
@@ -147,7 +160,11 @@ def evaluation_table(evaluations: list[dict]) -> str:
         + " |"
         for r in evaluations
     ]
-    note = "\n\nThe first-token embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+    note = (
+        "\n\nThe sparse embedding ranked by dot product, scored by trec_eval (`retromae evaluate --sparse`)."
+        if sparse
+        else "\n\nThe first-token embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+    )
     return "\n".join(header + rows) + note
 
 

@@ -4,21 +4,30 @@ The authors publish their encoders (`Shitao/RetroMAE`, `Shitao/RetroMAE_MSMARCO`
 `BertForMaskedLM` folders; BGE-M3's RetroMAE stage is a plain XLM-RoBERTa. Converting one gives a
 folder `retromae release` takes: the same weights in our release layout (the family's config
 pointing the encoder classes at our code, the sentence-transformers files). Exporting goes the
-other way, to the family's own checkpoint with no remote code at all.
+other way, to the family's own checkpoint with no remote code at all. A sparse conversion writes
+the SPLADE model of a checkpoint with an MLM head (see `retromae.sparse_encoder`).
 """
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..configuration_retromae import RETROMAE_FIELDS
 from ..errors import check_exists, loading
-from ..model_folder import folder_model_type, load_encoder, public_name, quiet_loading, save_atomically, write_model_files
+from ..model_folder import (
+    PRETRAINING_FILE,
+    folder_model_type,
+    load_encoder,
+    plain_masked_lm,
+    public_name,
+    quiet_loading,
+    save_atomically,
+    write_model_files,
+)
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS, write_sentence_transformers_files
-from .release import PROBE_TEXTS, TOLERANCE, ReleaseError
+from ..sparse_encoder import write_sparse_release
+from .release import PROBE_TEXTS, TOLERANCE, ReleaseError, check_sparse_model
 
 
 ACCEPTED = (*ENCODER_FAMILIES, "retromae")
@@ -31,6 +40,34 @@ def convert(source: str, destination: str | Path) -> bool:
     Returns whether the source had an MLM head; without one (a base-model checkpoint), the
     encoder is converted as is and the head is freshly initialised.
     """
+    model, tokenizer, has_mlm_head = load_masked_lm(source)
+    record = conversion_record(source)
+    save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record))
+    check_same_encoder(str(destination), model.base_model, tokenizer)
+    return has_mlm_head
+
+
+def convert_sparse(source: str, destination: str | Path) -> Path:
+    """
+    Write the sparse (SPLADE-max) model of a checkpoint with an MLM head (folder or Hub id): a RetroMAE or
+    DupMAE release, a pre-training checkpoint, or a family's own `...ForMaskedLM`. The folder is loaded
+    back with `SparseEncoder` and checked against SPLADE computed from the head's scores.
+    """
+    model, tokenizer, has_mlm_head = load_masked_lm(source)
+    if not has_mlm_head:
+        raise ReleaseError(
+            f"{source} has no MLM head (it holds the base model only): a sparse (SPLADE) model weighs the vocabulary "
+            "with the MLM head's scores, so it is made from a checkpoint with one, such as a RetroMAE or DupMAE release."
+        )
+    record_file = Path(source) / PRETRAINING_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else conversion_record(source)
+    write_sparse_release(destination, model, tokenizer, record)
+    check_sparse_model(Path(destination), model, tokenizer)
+    return Path(destination)
+
+
+def load_masked_lm(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
+    """The source's encoder as a RetroMAE `...ForMaskedLM`, its tokenizer, and whether the checkpoint held the MLM head (else it is new)."""
     model_type = check_model_type(source)
     with loading("SRC", source):
         if model_type == "retromae":
@@ -38,10 +75,12 @@ def convert(source: str, destination: str | Path) -> bool:
         else:
             model, missing = load(RELEASED_ENCODERS[model_type][1], source)
         tokenizer = model_tokenizer(source, model.config.vocab_size)
-    record = {"converted_from": public_name(source), "base_model": public_name(source)}
-    save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record))
-    check_same_encoder(str(destination), model.base_model, tokenizer)
-    return not any(not key.startswith(model.base_model_prefix + ".") for key in missing)
+    return model, tokenizer, not any(not key.startswith(model.base_model_prefix + ".") for key in missing)
+
+
+def conversion_record(source: str) -> dict:
+    """The record a converted folder carries: where it came from, which its card names as the base model."""
+    return {"converted_from": public_name(source), "base_model": public_name(source)}
 
 
 def export_plain(source: str, destination: str | Path) -> Path:
@@ -50,11 +89,7 @@ def export_plain(source: str, destination: str | Path) -> Path:
     with loading("SRC", source):
         retromae = load_encoder(source)
         tokenizer = model_tokenizer(source, retromae.config.vocab_size)
-    settings = {k: v for k, v in retromae.config.to_dict().items() if k not in ("auto_map", *RETROMAE_FIELDS)}
-    config = CONFIG_MAPPING[retromae.config.model_type](**settings)
-    plain = MODEL_FOR_MASKED_LM_MAPPING[type(config)](config)
-    plain.load_state_dict(retromae.state_dict())
-    plain.config.architectures = [type(plain).__name__]
+    plain = plain_masked_lm(retromae)
 
     def write(folder: Path) -> None:
         plain.save_pretrained(folder)

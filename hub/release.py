@@ -6,6 +6,12 @@ beside it, tokenizer, sentence-transformers files), with the model card; it is l
 (`SentenceTransformer` with no flag, `AutoModel` with remote code) and compared with the source,
 and only then uploaded with `upload_folder`: one commit, or nothing at all. Folders saved by
 earlier versions (model type `retromae`) are re-released in the current layout.
+
+A sparse (SPLADE) folder (`retromae convert --sparse`, OUTPUT_DIR/sparse of a DupMAE run, `retromae
+finetune --sparse`) is released as it is saved, a checkpoint of the family with no code files, and
+checked by loading it with `SparseEncoder` (no flag) against SPLADE computed from its MLM head's scores.
+The dense and the sparse model of one run are two repositories (ORG/NAME and ORG/NAME-sparse, say),
+since a repository has one sentence-transformers pipeline: each then loads with no flag and no subfolder.
 """
 
 import json
@@ -17,13 +23,23 @@ import torch
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
+from sentence_transformers import SentenceTransformer, SparseEncoder
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UsageError, loading
-from ..model_folder import PRETRAINING_FILE, encoder_config_dict, load_encoder, quiet_loading, safetensors_shapes, save_atomically, write_model_files
+from ..model_folder import (
+    PRETRAINING_FILE,
+    encoder_config_dict,
+    load_encoder,
+    quiet_loading,
+    safetensors_shapes,
+    save_atomically,
+    write_model_files,
+    write_pretraining_record,
+)
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS
 from ..sentence_transformer import load_sentence_transformer
+from ..sparse_encoder import is_sparse_folder, splade_embedding
 from .card import TEMPLATE, model_card, public_record
 
 
@@ -59,19 +75,21 @@ def release(
     pretraining_file = source / PRETRAINING_FILE
     pretraining = public_record(json.loads(pretraining_file.read_text())) if pretraining_file.is_file() else None
     encoder = encoder_config_dict(json.loads((source / "config.json").read_text()))
-    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder)
+    sparse = is_sparse_folder(source)
+    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse)
+    write, check = (assemble_sparse, check_sparse_release) if sparse else (assemble, check_release)
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
         with loading("MODEL_DIR", str(source)):
-            save_atomically(folder, lambda path: assemble(source, path, str(card), pretraining))
-        check_release(folder, source)
+            save_atomically(folder, lambda path: write(source, path, str(card), pretraining))
+        check(folder, source)
         return str(folder)
     with tempfile.TemporaryDirectory() as workspace:
         folder = Path(workspace) / "repo"
         with loading("MODEL_DIR", str(source)):
-            assemble(source, folder, str(card), pretraining)
-        check_release(folder, source)
+            write(source, folder, str(card), pretraining)
+        check(folder, source)
         return upload(folder, repo_id, private, commit_message or f"Release {repo_id} (retromae)", api or HfApi(token=token))
 
 
@@ -96,7 +114,8 @@ def check_model_folder(folder: Path) -> Path:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in (*ENCODER_FAMILIES, "retromae"):
         raise ReleaseError(f"{folder} holds a {model_type!r} model, not a RetroMAE one.")
-    if model_type != "retromae" and not config.get("auto_map", {}).get("AutoModel", "").startswith("modeling_retromae."):
+    remote_code = config.get("auto_map", {}).get("AutoModel", "").startswith("modeling_retromae.")
+    if model_type != "retromae" and not remote_code and not is_sparse_folder(folder):
         raise ReleaseError(f"{folder} is a plain {model_type} checkpoint: turn it into a RetroMAE release with `retromae convert` first.")
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -157,6 +176,27 @@ def check_release(folder: Path, source: Path) -> None:
         if (source / "modules.json").is_file():  # the source's own pipeline (a fine-tuned model's pooling, normalisation)
             original = load_sentence_transformer(str(source)).encode(PROBE_TEXTS, convert_to_tensor=True)
         compare("SentenceTransformer", embedded, original)
+
+
+def assemble_sparse(source: Path, folder: Path, card: str, pretraining: dict | None) -> None:
+    """Write the repository: the sparse model as sentence-transformers saves it (a checkpoint of the family, no code files), record, card."""
+    SparseEncoder(str(source)).save(str(folder), create_model_card=False)
+    write_pretraining_record(folder, pretraining)
+    (folder / "README.md").write_text(card)
+
+
+def check_sparse_release(folder: Path, source: Path) -> None:
+    """Load the assembled repository as users will (`SparseEncoder`, no flag) and compare it with the source's MLM head."""
+    with quiet_loading():
+        masked_lm = AutoModelForMaskedLM.from_pretrained(source).eval()
+    check_sparse_model(folder, masked_lm, AutoTokenizer.from_pretrained(source))
+
+
+def check_sparse_model(folder: Path, masked_lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """`SparseEncoder(folder)`'s embeddings must be SPLADE-max computed straight from `masked_lm`'s scores."""
+    expected = splade_embedding(masked_lm, tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt"))
+    embedded = SparseEncoder(str(folder)).encode(PROBE_TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False)
+    compare("SparseEncoder", embedded, expected)
 
 
 def compare(route: str, released: torch.Tensor, original: torch.Tensor) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import SentenceTransformer, SparseEncoder
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
 
 from retromae import RetroMAECollator, pretrain
 from retromae.cli import build_parser, main
-from retromae.hub import convert, release
+from retromae.hub import convert, convert_sparse, release
 from retromae.model_folder import load_encoder
 from retromae.modeling_retromae import EnhancedDecodingMask
 
@@ -251,3 +251,15 @@ def test_finetune_evaluate_and_convert_take_every_family(family, checkpoints, tm
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)))
     assert main(["evaluate", str(tuned), str(beir), "--output", str(tmp_path / "scores.json")]) == 0
     assert 0.0 <= json.loads((tmp_path / "scores.json").read_text())["ndcg@10"] <= 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_conversion_takes_every_family(family, checkpoints, tmp_path):
+    """`retromae convert --sparse` of each family's checkpoint: SparseEncoder gives SPLADE-max of the family's own MLM scores."""
+    folder = convert_sparse(str(checkpoints / family), tmp_path / "sparse")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints / family)
+    masked_lm = AutoModelForMaskedLM.from_pretrained(checkpoints / family).eval()
+    with torch.no_grad():  # one text at a time: no padding to leave out
+        expected = torch.stack([torch.log1p(masked_lm(**tokenizer([text], return_tensors="pt")).logits[0].relu()).amax(0) for text in TEXTS])
+    embedded = SparseEncoder(str(folder)).encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False)
+    torch.testing.assert_close(embedded, expected, atol=1e-5, rtol=0)
