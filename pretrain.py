@@ -18,7 +18,9 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import (
     AutoTokenizer,
     BertTokenizer,
@@ -433,7 +435,7 @@ def finished(args: argparse.Namespace) -> bool:
 def check_resumable(checkpoint: str, model: RetroMAEForPreTraining) -> None:
     """The checkpoint --resume continues from holds this run's model: its tensors, of the same shapes."""
     with loading("--resume", checkpoint):
-        saved = safetensors_shapes(checkpoint)
+        saved = checkpoint_shapes(checkpoint)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     different = sorted(name for name in expected.keys() & saved.keys() if expected[name] != saved[name])
     if different or not expected.keys() & saved.keys():
@@ -442,6 +444,19 @@ def check_resumable(checkpoint: str, model: RetroMAEForPreTraining) -> None:
             f"--resume {checkpoint}: the checkpoint holds another model than this run's{found}; resume with the "
             "run's own --model or --config."
         )
+
+
+def checkpoint_shapes(checkpoint: str) -> dict[str, tuple[int, ...]]:
+    """
+    The name and shape of every model tensor in a checkpoint: from its safetensors files, or, in a
+    checkpoint FSDP saved sharded (which has none), from the metadata of the model's shards.
+    """
+    shapes = safetensors_shapes(checkpoint)
+    sharded = Path(checkpoint) / f"{FSDP_MODEL_NAME}_0"
+    if shapes or not sharded.is_dir():
+        return shapes
+    metadata = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    return {name.removeprefix("model."): tuple(entry.size) for name, entry in metadata.items() if hasattr(entry, "size")}
 
 
 def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:

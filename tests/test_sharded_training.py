@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from safetensors.torch import load_file
@@ -168,6 +169,15 @@ def test_a_bad_engine_config_fails_with_a_clear_message_and_writes_nothing(tmp_p
 def test_deepspeed_without_deepspeed_installed_says_how_to_install_it(corpus, tmp_path, capsys):
     assert main(tiny_run(corpus, tmp_path / "run", "--deepspeed", str(EXAMPLES / "deepspeed" / "zero2.json"))) == 2
     assert "pip install 'retromae[deepspeed]'" in capsys.readouterr().err
+
+
+def test_resume_reads_the_shapes_of_a_checkpoint_fsdp_saved_sharded(tiny_model, tmp_path):
+    """FSDP's sharded checkpoint has no safetensors file: --resume checks the model against the shards' metadata."""
+    torch.distributed.checkpoint.save({"model": tiny_model.state_dict()}, checkpoint_id=tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0", no_dist=True)
+    pretrain.check_resumable(str(tmp_path / "checkpoint-2"), tiny_model)
+    other = RetroMAEForPreTraining(RetroMAEConfig(vocab_size=tiny_model.config.encoder.vocab_size, hidden_size=64, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(pretrain.UsageError, match="holds another model than this run's"):
+        pretrain.check_resumable(str(tmp_path / "checkpoint-2"), other)
 
 
 def test_fsdp_in_one_cpu_process_is_refused_rather_than_run_unsharded(corpus, tmp_path, capsys):
