@@ -171,6 +171,7 @@ def test_deepspeed_without_deepspeed_installed_says_how_to_install_it(corpus, tm
     assert "pip install 'retromae[deepspeed]'" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # a sharded save written by one process here
 def test_resume_reads_the_shapes_of_a_checkpoint_fsdp_saved_sharded(tiny_model, tmp_path):
     """FSDP's sharded checkpoint has no safetensors file: --resume checks the model against the shards' metadata."""
     torch.distributed.checkpoint.save({"model": tiny_model.state_dict()}, checkpoint_id=tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0", no_dist=True)
