@@ -570,11 +570,18 @@ def training_arguments(args: argparse.Namespace, model: RetroMAEForPreTraining) 
     if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UsageError("--deepspeed needs DeepSpeed, which is not installed: pip install 'retromae[deepspeed]'.")
     try:
-        return TrainingArguments(**trainer_settings(args, model))
+        arguments = TrainingArguments(**trainer_settings(args, model))
     except ValueError as error:
         if not args.deepspeed:
             raise
         raise UsageError(f"--deepspeed {args.deepspeed}: {error}") from None
+    mismatches = arguments.hf_deepspeed_config.mismatches if args.deepspeed else []
+    if mismatches:  # transformers itself would only raise them when training starts
+        raise UsageError(
+            f"--deepspeed {args.deepspeed}: values that contradict the flags ({'; '.join(item.removeprefix('- ') for item in mismatches)}); "
+            'set them to "auto" or change the flags.'
+        )
+    return arguments
 
 
 def trainer_settings(args: argparse.Namespace, model: RetroMAEForPreTraining) -> dict:
