@@ -6,9 +6,10 @@ model itself, so the sentence embedding trained is the one the model embeds with
 `RetroMAECollator`'s, drawn from the token ids the trainer hands over, and the losses are
 `RetroMAEForPreTraining`'s, computed by its own methods.
 
-The trainer saves and clips the model only: `loss.checkpoints`, a trainer callback, writes the
-loss's own weights into every checkpoint, reads them back when a run resumes, and clips their
-gradient norm.
+The trainer saves, clips and (in a multi-process job) synchronises the model only:
+`loss.checkpoints`, a trainer callback, writes the loss's own weights into every checkpoint,
+reads them back when a run resumes, averages their gradients across processes as DDP averages
+the model's, and clips their gradient norm.
 """
 
 import os
@@ -47,7 +48,8 @@ class RetroMAELoss(nn.Module):
     Every text of the dataset's single column is one example. The loss returns
     `{"encoder_loss", "decoder_loss"}`, which the trainer sums and logs one by one. Pass
     `callbacks=[loss.checkpoints]` to the trainer so that checkpoints hold the decoder and the
-    MLM head, a resumed run carries on from them, and their gradients are clipped as the model's are.
+    MLM head, a resumed run carries on from them, and their gradients are averaged across the
+    processes of a distributed job (torchrun, accelerate launch) and clipped as the model's are.
     """
 
     def __init__(
@@ -81,8 +83,6 @@ class RetroMAELoss(nn.Module):
         self.checkpoints = LossCheckpoints(self)
 
     def forward(self, sentence_features: list[dict], labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise RuntimeError("RetroMAELoss trains in one process (its decoder is not synchronised across processes); use `retromae pretrain` on several GPUs.")
         if len(sentence_features) != 1:
             raise ValueError(f"RetroMAELoss reads one text column; the dataset has {len(sentence_features)} input columns.")
         features = sentence_features[0]
@@ -162,9 +162,10 @@ class LossCheckpoints(TrainerCallback):
     """
     What the trainer does for the model, done for a `RetroMAELoss`'s own weights (the decoder and the head).
 
-    They are saved with every checkpoint and restored on resume; their gradient norm is clipped
-    at `max_grad_norm`, apart from the model's, which the trainer clips; and the collator is told
-    each epoch.
+    They are saved with every checkpoint and restored on resume. Before each optimiser step their
+    gradients are averaged across processes (the trainer's DDP wraps the model, not the loss) and
+    their norm is clipped at `max_grad_norm`, apart from the model's, which the trainer clips. The
+    collator is told each epoch.
     """
 
     def __init__(self, loss: RetroMAELoss):
@@ -178,12 +179,30 @@ class LossCheckpoints(TrainerCallback):
         self.loss[0].collator.set_epoch(int(state.epoch or 0))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        parameters = list(self.loss[0].own_parameters().values())
+        average_gradients(parameters)
         if args.max_grad_norm and args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.loss[0].own_parameters().values()), args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.loss[0].save(checkpoint_folder(args, state))
+
+
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """
+    Replace the gradients of `parameters` by their mean over the processes of a distributed job, in
+    one all-reduce, as DDP does for the model's; nothing in one process. A parameter without a
+    gradient counts as a zero one, so that every process reduces the same buffer.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    gradients = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters]
+    flat = torch.cat([gradient.flatten() for gradient in gradients])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for parameter, mean in zip(parameters, flat.split([gradient.numel() for gradient in gradients])):
+        parameter.grad = mean.view_as(parameter)
 
 
 def checkpoint_folder(args, state) -> Path:

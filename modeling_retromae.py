@@ -720,19 +720,24 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def get_output_embeddings(self):
         return self.encoder.get_output_embeddings()
 
-    def released_encoder(self, with_mlm_head: bool = True) -> PreTrainedModel:
+    def released_encoder(self, with_mlm_head: bool = True, weights: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
         """
         The encoder as its family's release class, without the decoder (as in the paper).
 
         With its MLM head (the `...ForMaskedLM` layout a release has) or without (the base model,
-        whose output is the sentence embedding); RetroMAE's settings are kept in its config.
+        whose output is the sentence embedding); RetroMAE's settings are kept in its config. Its
+        weights are this model's own, or those of the whole model in `weights` (a state dict
+        gathered from the processes that train it sharded, whose own tensors are shards).
         """
         config = self.encoder.config
         for name in RETROMAE_FIELDS:
             setattr(config, name, getattr(self.config, name))
         model, masked_lm = RELEASED_ENCODERS[config.model_type]
         encoder = masked_lm(config)
-        encoder.load_state_dict(self.encoder.state_dict())
+        if weights is None:
+            encoder.load_state_dict(self.encoder.state_dict())
+        else:
+            encoder.load_state_dict({name.removeprefix("encoder."): tensor for name, tensor in weights.items() if name.startswith("encoder.")})
         if with_mlm_head:
             return encoder.eval()
         base = model(config)

@@ -7,6 +7,8 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 """
 
 import argparse
+import importlib.util
+import json
 import os
 import platform
 import random
@@ -16,6 +18,9 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate.utils.constants import FSDP_MODEL_NAME
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from transformers import (
     AutoTokenizer,
     BertTokenizer,
@@ -27,6 +32,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.training_args import ParallelMode
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
@@ -57,6 +63,24 @@ LENGTH_GROUP_BATCHES = 64
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
 DEMO_DATASET = "wikimedia/wikipedia"
+# The `fsdp_config` keys of the transformers Trainer that apply to FSDP2, and its two checkpoint formats.
+FSDP_CONFIG_KEYS = (
+    "version",
+    "reshard_after_forward",
+    "cpu_offload",
+    "activation_checkpointing",
+    "cpu_ram_efficient_loading",
+    "state_dict_type",
+    "auto_wrap_policy",
+    "transformer_layer_cls_to_wrap",
+    "min_num_params",
+)
+STATE_DICT_TYPES = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+FSDP_NOT_SHARDED = (
+    "--fsdp: accelerate shards a model across several processes on GPUs (or other accelerators) only, "
+    "so this run would not be sharded. Launch it with torchrun or accelerate launch on several GPUs."
+)
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +175,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     training.add_argument("--dataloader-num-workers", type=at_least(0), default=0, help="Processes building batches. Default: 0.")
 
+    sharding = parser.add_argument_group("sharded training (launch the command with torchrun or accelerate launch)")
+    sharding.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help="Train under DeepSpeed ZeRO: a DeepSpeed JSON config with zero_optimization.stage 1, 2 or 3 "
+        "('auto' values are filled from these flags, as the transformers Trainer does). Needs pip install deepspeed.",
+    )
+    sharding.add_argument(
+        "--fsdp",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CONFIG",
+        help="Train under FSDP2, each encoder layer and the decoder a sharded unit, checkpoints saved sharded. "
+        f"Optionally a JSON file of the Trainer's fsdp_config keys ({', '.join(FSDP_CONFIG_KEYS)}) that override these defaults.",
+    )
+
     bookkeeping = parser.add_argument_group("logging and checkpoints")
     bookkeeping.add_argument("--logging-steps", type=at_least(1), default=10, help="Log losses and tokens/s every N steps. Default: 10.")
     bookkeeping.add_argument("--save-steps", type=at_least(1), default=500, help="Checkpoint every N steps. Default: 500.")
@@ -180,13 +221,18 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         decoder_mask_patterns=args.decoder_mask_patterns,
     )
     interrupt = StopOnInterrupt()
+    arguments = training_arguments(args, model)
+    if args.fsdp_overrides is not None and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise UsageError(FSDP_NOT_SHARDED)
     trainer = RetroMAETrainer(
         model=model,
-        args=training_arguments(args),
+        args=arguments,
         train_dataset=dataset,
         data_collator=collator,
         callbacks=[EpochCallback(collator), interrupt, *callbacks],
     )
+    if args.fsdp_overrides is not None and not trainer.is_fsdp_enabled:
+        raise UsageError(FSDP_NOT_SHARDED)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossLineProgressCallback)
     started = time.perf_counter()
@@ -197,9 +243,10 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     if interrupt.requested:
         raise interrupt.stopped(args.argv, trainer.state.global_step, args.output_dir)
     release = Path(args.output_dir) / RELEASE_FOLDER
+    weights = gathered_weights(trainer)
     if trainer.is_world_process_zero():
         summary = run_summary(args, trainer, source, records, dataset, time.perf_counter() - started)
-        release_encoder(trainer.model, tokenizer, release, summary)
+        release_encoder(trainer.model, tokenizer, release, summary, weights)
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
 
@@ -314,7 +361,58 @@ def check_arguments(args: argparse.Namespace) -> None:
         if isinstance(getattr(args, name), str):
             check_exists(f"--{name}", getattr(args, name))
     check_report_to(args.report_to)
+    check_engine(args)
     check_output_dir(args)
+
+
+def check_engine(args: argparse.Namespace) -> None:
+    """
+    Read and check the --deepspeed or --fsdp config into `args.deepspeed_config` (DeepSpeed's config)
+    and `args.fsdp_overrides` (the user's `fsdp_config` keys), `None` for the engine not used.
+
+    A ZeRO-3 config gathers the whole model when it is saved (`stage3_gather_16bit_weights_on_model_save`,
+    set where the config leaves it out): the release is the consolidated encoder.
+    """
+    if args.deepspeed and args.fsdp:
+        raise UsageError("Give --deepspeed or --fsdp, not both.")
+    args.deepspeed_config = args.fsdp_overrides = None
+    if args.deepspeed:
+        config = read_json_object("--deepspeed", args.deepspeed)
+        zero = config.get("zero_optimization")
+        stage = zero.get("stage") if isinstance(zero, dict) else None
+        if stage not in (1, 2, 3):
+            raise UsageError(f"--deepspeed {args.deepspeed}: zero_optimization.stage must be 1, 2 or 3, got {stage}.")
+        if stage == 3 and zero.setdefault("stage3_gather_16bit_weights_on_model_save", True) is not True:
+            raise UsageError(
+                f"--deepspeed {args.deepspeed}: ZeRO-3 must gather the weights to release the encoder: "
+                "set zero_optimization.stage3_gather_16bit_weights_on_model_save to true."
+            )
+        args.deepspeed_config = config
+    if isinstance(args.fsdp, str):
+        config = {key.removeprefix("fsdp_"): value for key, value in read_json_object("--fsdp", args.fsdp).items()}
+        unknown = sorted(set(config) - set(FSDP_CONFIG_KEYS))
+        if unknown:
+            raise UsageError(f"--fsdp {args.fsdp}: unknown keys {', '.join(unknown)}; allowed: {', '.join(FSDP_CONFIG_KEYS)}.")
+        if config.get("version", 2) != 2:
+            raise UsageError(f"--fsdp {args.fsdp}: version must be 2 (FSDP2), got {config['version']}.")
+        if config.get("state_dict_type", STATE_DICT_TYPES[0]) not in STATE_DICT_TYPES:
+            raise UsageError(f"--fsdp {args.fsdp}: state_dict_type must be one of {', '.join(STATE_DICT_TYPES)}, got {config['state_dict_type']}.")
+        args.fsdp_overrides = config
+    elif args.fsdp:
+        args.fsdp_overrides = {}
+
+
+def read_json_object(flag: str, path: str) -> dict:
+    """The JSON object in the file `path` given to `flag`; a missing file or anything else is a `UsageError`."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot be read ({error.strerror}).") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{flag} {path}: not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag} {path}: must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 def finished(args: argparse.Namespace) -> bool:
@@ -337,7 +435,7 @@ def finished(args: argparse.Namespace) -> bool:
 def check_resumable(checkpoint: str, model: RetroMAEForPreTraining) -> None:
     """The checkpoint --resume continues from holds this run's model: its tensors, of the same shapes."""
     with loading("--resume", checkpoint):
-        saved = safetensors_shapes(checkpoint)
+        saved = checkpoint_shapes(checkpoint)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     different = sorted(name for name in expected.keys() & saved.keys() if expected[name] != saved[name])
     if different or not expected.keys() & saved.keys():
@@ -346,6 +444,19 @@ def check_resumable(checkpoint: str, model: RetroMAEForPreTraining) -> None:
             f"--resume {checkpoint}: the checkpoint holds another model than this run's{found}; resume with the "
             "run's own --model or --config."
         )
+
+
+def checkpoint_shapes(checkpoint: str) -> dict[str, tuple[int, ...]]:
+    """
+    The name and shape of every model tensor in a checkpoint: from its safetensors files, or, in a
+    checkpoint FSDP saved sharded (which has none), from the metadata of the model's shards.
+    """
+    shapes = safetensors_shapes(checkpoint)
+    sharded = Path(checkpoint) / f"{FSDP_MODEL_NAME}_0"
+    if shapes or not sharded.is_dir():
+        return shapes
+    metadata = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    return {name.removeprefix("model."): tuple(entry.size) for name, entry in metadata.items() if hasattr(entry, "size")}
 
 
 def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:
@@ -454,8 +565,29 @@ def load_summary(name: str, family: str, fresh: list[str], unexpected: list[str]
     )
 
 
-def training_arguments(args: argparse.Namespace) -> TrainingArguments:
-    return TrainingArguments(
+def training_arguments(args: argparse.Namespace, model: RetroMAEForPreTraining) -> TrainingArguments:
+    """The Trainer's settings from the flags; a DeepSpeed config that contradicts them is a `UsageError`."""
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("--deepspeed needs DeepSpeed, which is not installed: pip install 'retromae[deepspeed]'.")
+    try:
+        arguments = TrainingArguments(**trainer_settings(args, model))
+    except ValueError as error:
+        if not args.deepspeed:
+            raise
+        raise UsageError(f"--deepspeed {args.deepspeed}: {error}") from None
+    mismatches = arguments.hf_deepspeed_config.mismatches if args.deepspeed else []
+    if mismatches:  # transformers itself would only raise them when training starts
+        raise UsageError(
+            f"--deepspeed {args.deepspeed}: values that contradict the flags ({'; '.join(item.removeprefix('- ') for item in mismatches)}); "
+            'set them to "auto" or change the flags.'
+        )
+    return arguments
+
+
+def trainer_settings(args: argparse.Namespace, model: RetroMAEForPreTraining) -> dict:
+    """The keyword arguments of `TrainingArguments`, the engine's (DeepSpeed's config, or FSDP's) included."""
+    fsdp = fsdp_config(args.fsdp_overrides, model, args.gradient_checkpointing) if args.fsdp_overrides is not None else None
+    return dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
         max_steps=args.max_steps,
@@ -466,7 +598,7 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         seed=args.seed,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing and fsdp is None,  # FSDP recomputes its own units
         torch_compile=args.torch_compile,
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_pin_memory=torch.accelerator.is_available(),
@@ -482,7 +614,59 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         accelerator_config={"dispatch_batches": False},
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         length_column_name="length",
+        deepspeed=deepspeed_config(args.deepspeed_config, model) if args.deepspeed_config else None,
+        fsdp=fsdp is not None,
+        fsdp_config=fsdp,
     )
+
+
+def deepspeed_config(config: dict, model: RetroMAEForPreTraining) -> dict:
+    """
+    DeepSpeed's config with the `"auto"` ZeRO bucket sizes filled from the encoder's width, by
+    transformers' own rules: transformers reads `config.hidden_size`, which a RetroMAE config keeps
+    under `encoder`. The other `"auto"` values are left to transformers, which fills them from the flags.
+    """
+    hidden = model.config.encoder.hidden_size
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    zero = config["zero_optimization"]
+    return config | {"zero_optimization": zero | {key: sizes[key] for key in sizes if zero.get(key) == "auto"}}
+
+
+def fsdp_config(overrides: dict, model: RetroMAEForPreTraining, gradient_checkpointing: bool) -> dict:
+    """
+    The Trainer's `fsdp_config` for `--fsdp`: FSDP2, the family's layer class and the decoder as the
+    sharded units (`fsdp_units`), checkpoints saved sharded, each unit recomputed in backward under
+    --gradient-checkpointing; keys of the user's --fsdp CONFIG win.
+    """
+    defaults = {
+        "version": 2,
+        "transformer_layer_cls_to_wrap": fsdp_units(model),
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "activation_checkpointing": gradient_checkpointing,
+    }
+    return defaults | overrides
+
+
+def fsdp_units(model: RetroMAEForPreTraining) -> list[str]:
+    """
+    The classes FSDP shards one by one: the encoder family's transformer layer, and RetroMAE's decoder.
+
+    The family's layer is the block its base model repeats once per layer (`BertLayer`,
+    `XLMRobertaLayer`, `ModernBertEncoderLayer`, `DebertaV2Layer`, DistilBERT's `TransformerBlock`),
+    the layer that transformers names in the family's `_no_split_modules` where it has one. The
+    embeddings listed there too are left to the root unit: RetroMAE reads the position table and the
+    tied MLM weights outside their forward. The decoder is one unit rather than a layer each, because
+    it computes all its layers' keys and values before decoding the rows; it has one layer in the paper.
+    """
+    depth = model.config.encoder.num_hidden_layers
+    layers = next(
+        module for module in model.encoder.base_model.modules() if isinstance(module, nn.ModuleList) and len(module) == depth
+    )
+    return [type(layers[0]).__name__, type(model.decoder).__name__]
 
 
 class RetroMAETrainer(AtomicCheckpoints, Trainer):
@@ -492,6 +676,24 @@ class RetroMAETrainer(AtomicCheckpoints, Trainer):
         super().__init__(*args, **kwargs)
         self._since_log = torch.zeros(4)  # encoder loss sum, decoder loss sum, batches, tokens
         self._last_log_time = time.perf_counter()
+
+    def _prepare_for_training(self, *args, **kwargs):
+        """
+        Under FSDP, the embeddings and the MLM head stay in the root unit, which holds them whole for the whole step.
+
+        accelerate gives a model's input and output embeddings a unit of their own; RetroMAE uses
+        them outside their forward (the decoder's query stream reads the position table, both losses
+        project through the head's tied weights), and BERT's head shares its bias with its output layer,
+        which torch refuses to split between two units. So the model names no embeddings while accelerate
+        shards it.
+        """
+        if not self.is_fsdp_enabled:
+            return super()._prepare_for_training(*args, **kwargs)
+        self.model.get_input_embeddings = self.model.get_output_embeddings = lambda: None
+        try:
+            return super()._prepare_for_training(*args, **kwargs)
+        finally:
+            del self.model.get_input_embeddings, self.model.get_output_embeddings
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -572,9 +774,26 @@ def hardware(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def gathered_weights(trainer: Trainer) -> dict[str, torch.Tensor] | None:
+    """
+    The whole model's weights on process 0 under FSDP or DeepSpeed, which shard them (ZeRO-3) or may;
+    `None` where every process holds them whole. Every process must call it: the shards are gathered.
+    """
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
 def release_encoder(
-    model: RetroMAEForPreTraining, tokenizer: PreTrainedTokenizerBase, folder: Path, summary: dict | None = None
+    model: RetroMAEForPreTraining,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    summary: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing model folder."""
-    encoder = model.released_encoder()
+    """
+    Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing
+    model folder; from `weights` (the whole model's, gathered from the shards) where given.
+    """
+    encoder = model.released_encoder(weights=weights)
     save_atomically(folder, lambda path: write_model_files(path, encoder, tokenizer, summary))

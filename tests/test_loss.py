@@ -1,5 +1,6 @@
 """RetroMAELoss inside SentenceTransformerTrainer: the same loss as RetroMAEForPreTraining, checkpoints, resume, the README example."""
 
+import os
 import re
 import subprocess
 import sys
@@ -120,6 +121,24 @@ def test_trainer_trains_decoder_and_encoder_and_a_killed_run_resumes_to_the_same
     resumed = train(folder, tmp_path / "killed", max_steps=4, resume=True)
     for name, parameter in whole.retromae.named_parameters():
         torch.testing.assert_close(resumed.retromae.get_parameter(name), parameter, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_same_weights_decoder_included_and_after_a_resume(checkpoints, tmp_path):
+    worker = Path(__file__).resolve().parent / "two_process_loss.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(worker), str(checkpoints / "bert"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = [load_file(tmp_path / f"whole-{rank}.safetensors") for rank in (0, 1)]
+    resumed = [load_file(tmp_path / f"resumed-{rank}.safetensors") for rank in (0, 1)]
+    start = RetroMAELoss(cls_model(checkpoints / "bert")).retromae
+    decoder = "decoder.layers.0.attention.self.query.weight"
+    assert not torch.equal(whole[0][decoder], start.get_parameter(decoder))  # the decoder trained
+    assert any(name.startswith("encoder.cls.") for name in whole[0])  # the head's own weights are compared too
+    for name in whole[0]:
+        torch.testing.assert_close(whole[1][name], whole[0][name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(resumed[0][name], whole[0][name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(resumed[1][name], whole[0][name], atol=0, rtol=0, msg=name)
 
 
 def test_the_callback_clips_the_losss_own_gradients(checkpoints):
