@@ -3,7 +3,10 @@
 The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
 the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced
 BERT-style; every row of the enhanced-decoding mask draws its own aggressive pattern and hides
-its own position. The collator draws the encoder's masking and describes the decoder's mask (the
+its own position. [UNK] stands for text the vocabulary cannot spell, so it is not special here:
+as in the authors' code the decoder rebuilds it and its patterns may hide it, and only the
+encoder's masking leaves it as it is (transformers' collator, which the authors' code uses,
+never masks a special id). A passage of nothing but [UNK] thus still trains the decoder. The collator draws the encoder's masking and describes the decoder's mask (the
 words, a seed per example, the share to hide); the model draws that mask on its own device, a
 block of rows at a time, with the same whole-word draw (`WholeWordDraw`), so that a
 (batch, seq, seq) mask is never built on the host or sent to the device.
@@ -48,14 +51,14 @@ class RetroMAECollator:
 
     An example is a string, a dict with a `text` string or `input_ids`, or a sequence of token
     ids; token ids get [CLS] and [SEP] added when they do not already start and end with them.
-    Empty text, non-text input and sequences with nothing but special tokens raise `ValueError`
-    or `TypeError` naming the example.
+    Empty text, non-text input and sequences with nothing but special tokens ([UNK] is text, see
+    `special_token_ids`) raise `ValueError` or `TypeError` naming the example.
 
     Returns a dict of:
         encoder_input_ids (batch, seq), encoder_attention_mask (batch, seq),
-        encoder_labels (batch, seq): original ids at masked positions, -100 elsewhere;
+        encoder_labels (batch, seq): original ids at masked positions, -100 elsewhere (and at [UNK]);
         decoder_input_ids (batch, seq): the original ids;
-        decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding;
+        decoder_labels (batch, seq): original ids everywhere except [CLS], [SEP] and padding ([UNK] included);
         decoder_word_ids (batch, seq): the word of each maskable token, -1 at special tokens and padding;
         decoder_mask_seeds (batch,): the seed of each example's enhanced-decoding mask;
         decoder_mask_budget (batch,): the tokens a pattern of that mask hides, round(ratio x maskable tokens);
@@ -93,7 +96,8 @@ class RetroMAECollator:
         self.decoder_mask_patterns = decoder_mask_patterns
         self.epoch = 0
         self.vocab_size = len(tokenizer)
-        self.is_special = vocabulary_flags(tokenizer.all_special_ids, self.vocab_size)
+        self.is_special = vocabulary_flags(special_token_ids(tokenizer), self.vocab_size)
+        self.is_unknown = vocabulary_flags([tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else [], self.vocab_size)
         self.starts_word = word_start_flags(tokenizer, self.vocab_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -192,8 +196,14 @@ class RetroMAECollator:
         seeds: torch.LongTensor,
         generator: torch.Generator | None,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Whole-word masking at `ratio`, chosen tokens 80% [MASK], 10% random, 10% kept; and the labels."""
-        chosen = WholeWordDraw(word_ids, seeds, budget(word_ids, ratio)).patterns(torch.zeros(1, dtype=torch.long))[:, 0]
+        """
+        Whole-word masking at `ratio`, chosen tokens 80% [MASK], 10% random, 10% kept; and the labels.
+
+        [UNK] is drawn with the words, as the authors' code draws it, and then left unmasked and
+        unlabelled, as transformers' collator leaves every special id.
+        """
+        drawn = WholeWordDraw(word_ids, seeds, budget(word_ids, ratio)).patterns(torch.zeros(1, dtype=torch.long))[:, 0]
+        chosen = drawn & ~self.is_unknown[input_ids]
         labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
         draw = torch.rand(input_ids.shape, generator=generator)
         random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
@@ -235,6 +245,16 @@ def word_start_flags(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tor
         return torch.ones(vocab_size, dtype=torch.bool)
     marked = vocabulary_flags([i for token, i in vocabulary.items() if token.startswith(marker)], vocab_size)
     return ~marked if marker in CONTINUATION_MARKERS else marked
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """
+    The ids that are not text: the tokenizer's special tokens except [UNK].
+
+    These are never labelled or masked. [UNK] stands for a word the vocabulary cannot spell
+    (an emoji, a 200-character "word"), so the decoder rebuilds it as the authors' code does.
+    """
+    return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
 
 
 def vocabulary_flags(ids: Sequence[int], vocab_size: int) -> torch.BoolTensor:

@@ -839,12 +839,13 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         Only labelled positions go through the vocabulary projection: the mean over them is the
         same as over full logits with `ignore_index`, at a fraction of the cost. The projection
         and the cross entropy run a chunk of rows at a time (`linear_cross_entropy`), so that
-        the (rows, vocabulary) logits never exist for the whole batch.
+        the (rows, vocabulary) logits never exist for the whole batch. A batch with no labelled
+        position (the encoder's, when every passage is [UNK], which its masking leaves) has loss 0.
         """
         labelled = labels != IGNORE_INDEX  # (batch, seq)
         weight, bias = self.family.head_output(self.encoder)
         states = self.family.head_transform(self.encoder, hidden_states[labelled])
-        return linear_cross_entropy(states, weight, bias, labels[labelled]) / labelled.sum()
+        return linear_cross_entropy(states, weight, bias, labels[labelled]) / labelled.sum().clamp(min=1)
 
 
 def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.LongTensor) -> torch.Tensor:
