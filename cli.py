@@ -138,6 +138,11 @@ def run_pretrain(args: argparse.Namespace) -> None:
         skipped = f" ({read['skipped_records']:,} bad records skipped)" if read["skipped_records"] else ""
         passages = f" in {read['passages']:,} passages" if read["passages"] is not None else ""
         print(f"Read {read['records']:,} records{passages}{skipped}; trained on {read['passages_trained']:,} passages ({read['passages_from_long_records']} long records).")
+        if read["empty_passages"] or read["unknown_passages"]:
+            print(
+                f"Of the passages read, {read['empty_passages']:,} had no text after tokenization (left out) and "
+                f"{read['unknown_passages']:,} nothing but [UNK] (trained: text the vocabulary cannot spell)."
+            )
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
         print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")

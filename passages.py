@@ -5,17 +5,34 @@ into consecutive passages. Each passage holds whole sentences; a sentence longer
 is cut between words, and a word longer than a passage between tokens. The cutting is a
 `datasets.map` (batched: lazily in the data loader for a run with a step budget or a stream, in
 `num_proc` processes before training for a run counted in epochs), so it stays out of the step.
+With `--passages truncate` a record gives its first passage only (`FirstPassage`).
+
+A passage with no text left after tokenization (nothing but special tokens: a line of zero-width
+or control characters, a line "[SEP]") has nothing to rebuild: `TrainedPassages` leaves it out
+and counts it. A passage of nothing but [UNK] (an emoji-only line, a URL or a 200-character
+"word" the vocabulary cannot spell) is text: it is trained, as in the authors' code, and counted,
+so that a run says how much of its corpus the vocabulary could not spell.
 """
 
+import multiprocessing
 import re
 
+import datasets
 import numpy as np
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
+
+from .collator import special_token_ids, vocabulary_flags
+from .corpus import ARROW_BATCH
 
 
 # A sentence ends at . ! ? (and their CJK forms), after any closing quotes or brackets, before white space.
 SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s+")
 SPECIAL_TOKENS_PER_PASSAGE = 2  # the collator adds the first token ([CLS] / <s>) and the separator
+# Passages left out for having no text, and passages of nothing but [UNK], counted across data-loader
+# workers (forked from this process, so they share the counters).
+EMPTY = multiprocessing.Value("q", 0)
+UNKNOWN = multiprocessing.Value("q", 0)
 
 
 class PassageSplitter:
@@ -39,9 +56,9 @@ class PassageSplitter:
         return {"input_ids": passages}
 
     def split(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[list[int]]:
-        """The passages of one record: its sentences packed in order, none over the budget."""
+        """The passages of one record: its sentences packed in order, none over the budget (one empty passage for no tokens)."""
         if len(ids) <= self.budget:
-            return [ids] if ids else []
+            return [ids]
         starts = np.array([start for start, _ in offsets])
         units = []
         for first, last in spans(sentence_of_each_token(text, starts)):
@@ -56,6 +73,67 @@ class PassageSplitter:
         for word_first, word_last in words:
             pieces += [(first + a, first + min(a + self.budget, word_last)) for a in range(word_first, word_last, self.budget)]
         return pieces
+
+
+class FirstPassage(PassageSplitter):
+    """`datasets.map` function (batched) for `--passages truncate`: each record's first `max_length` tokens, special tokens included."""
+
+    def split(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[list[int]]:
+        return [ids[: self.budget]]
+
+
+class TrainedPassages:
+    """
+    The passages with text to rebuild; those without are left out and counted (`empty_passages`).
+
+    A passage has text when it holds a token other than the special ones ([UNK] is text, see
+    `special_token_ids`). Passages of nothing but [UNK] are kept and counted (`unknown_passages`).
+    Called on a batch of a stream (a batched `datasets.map` function, in the data-loader workers);
+    `select` does the same for a dataset cut before training, with Arrow, every time (a cached cut
+    is counted too). Making one resets both counts.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.is_special = vocabulary_flags(special_token_ids(tokenizer), len(tokenizer)).numpy()
+        self.unknown_id = -1 if tokenizer.unk_token_id is None else tokenizer.unk_token_id
+        EMPTY.value = UNKNOWN.value = 0
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        lengths = [len(ids) for ids in batch["input_ids"]]
+        tokens = np.fromiter((i for ids in batch["input_ids"] for i in ids), dtype=np.int64, count=sum(lengths))
+        kept = self.kept(tokens, np.repeat(np.arange(len(lengths)), lengths), len(lengths))
+        return {name: [value for value, keep in zip(values, kept) if keep] for name, values in batch.items()}
+
+    def select(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """The passages of a dataset with text, read as memory-mapped Arrow arrays a batch at a time."""
+        kept, offset = [], 0
+        for table in dataset.with_format("arrow").iter(batch_size=ARROW_BATCH):
+            passages = table.column("input_ids").combine_chunks()
+            keep = self.kept(passages.flatten().to_numpy(), pc.list_parent_indices(passages).to_numpy(), len(passages))
+            kept.append(np.flatnonzero(keep) + offset)
+            offset += len(passages)
+        indices = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
+        return dataset if len(indices) == len(dataset) else dataset.select(indices)
+
+    def kept(self, tokens: np.ndarray, passage_of_token: np.ndarray, count: int) -> np.ndarray:
+        """(count,) True for the passages with text; counts those without and those of nothing but [UNK]."""
+        text = np.bincount(passage_of_token[~self.is_special[tokens]], minlength=count)
+        unknown = np.bincount(passage_of_token[tokens == self.unknown_id], minlength=count)
+        with EMPTY.get_lock():
+            EMPTY.value += int((text == 0).sum())
+        with UNKNOWN.get_lock():
+            UNKNOWN.value += int(((text > 0) & (unknown == text)).sum())
+        return text > 0
+
+
+def empty_passages() -> int:
+    """How many passages with no text `TrainedPassages` has left out (in a stream, of those read so far)."""
+    return EMPTY.value
+
+
+def unknown_passages() -> int:
+    """How many passages of nothing but [UNK] `TrainedPassages` has kept (in a stream, of those read so far)."""
+    return UNKNOWN.value
 
 
 def sentence_of_each_token(text: str, token_starts: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, 
 from .data import CorpusError, demo_corpus
 from .errors import UsageError, at_least, check_exists, loading, positive, seed, steps
 from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
-from .passages import PassageSplitter
+from .passages import FirstPassage, PassageSplitter, TrainedPassages, empty_passages, unknown_passages
 from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, finished_step, resume_checkpoint
 from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
 
@@ -256,27 +256,28 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     The passages to train on and the number of records they came from (`None` for a stream,
     whose records are counted as they are read: `streamed_records`).
 
-    With `--passages split` long records are cut into passages (`PassageSplitter`). A run with a
-    step budget (`--max-steps`, always the case for a stream) cuts lazily in the data loader,
-    64 records at a time, from a shuffled order of the records, so that training starts at once.
-    A run counted in epochs needs the number of passages first, so it cuts the whole corpus
-    before training, in `--dataloader-num-workers` processes (cached by `datasets`: a resumed
-    run does not cut again).
+    Records are tokenized into passages: with `--passages split` long records are cut into
+    consecutive passages (`PassageSplitter`), with `truncate` each gives its first (`FirstPassage`).
+    Passages with no text are left out and counted (`TrainedPassages`). A run with a step budget
+    (`--max-steps`, always the case for a stream) cuts lazily in the data loader, 64 records at a
+    time, from a shuffled order of the records, so that training starts at once. A run counted in
+    epochs needs the number of passages first, so it cuts the whole corpus before training, in
+    `--dataloader-num-workers` processes (cached by `datasets`: a resumed run does not cut again).
     """
     dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records) if source else demo_corpus()
     records = None if args.streaming else len(dataset)
-    lazy = args.streaming or args.max_steps > 0
-    if args.passages == "split" and lazy:
+    cut = (PassageSplitter if args.passages == "split" else FirstPassage)(tokenizer, args.max_length)
+    trained = TrainedPassages(tokenizer)
+    if args.streaming or args.max_steps > 0:
         if not args.streaming:
             dataset = dataset.shuffle(seed=args.seed).to_iterable_dataset(num_shards=max(1, args.dataloader_num_workers))
-        dataset = dataset.map(PassageSplitter(tokenizer, args.max_length), batched=True, batch_size=STREAM_BATCH, remove_columns=["text"])
-    elif args.passages == "split":
-        workers = args.dataloader_num_workers if args.dataloader_num_workers > 1 else None
-        dataset = dataset.map(
-            PassageSplitter(tokenizer, args.max_length), batched=True, remove_columns=["text"], num_proc=workers, desc="Cutting records into passages"
-        )
-    if isinstance(dataset, datasets.IterableDataset):
+        dataset = dataset.map(cut, batched=True, batch_size=STREAM_BATCH, remove_columns=["text"]).map(trained, batched=True, batch_size=STREAM_BATCH)
         dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+    else:
+        workers = args.dataloader_num_workers if args.dataloader_num_workers > 1 else None
+        dataset = trained.select(
+            dataset.map(cut, batched=True, remove_columns=["text"], num_proc=workers, desc="Cutting records into passages")
+        )
     if args.group_by_length:
         dataset = grouped_by_length(dataset, args)
     return dataset, records
@@ -286,16 +287,15 @@ def grouped_by_length(dataset, args: argparse.Namespace):
     """
     Passages of similar length batched together (`--group-by-length`).
 
-    A dataset read in full gets a `length` column (tokens, or characters of uncut text) for the
-    Trainer's length-grouped sampler. A stream or lazily cut corpus is grouped as it is read: each
-    window of `LENGTH_GROUP_BATCHES` batches is sorted by length, cut into batches, and the batches
-    are put in a random order.
+    A dataset read in full gets a `length` column (tokens) for the Trainer's length-grouped
+    sampler. A stream or lazily cut corpus is grouped as it is read: each window of
+    `LENGTH_GROUP_BATCHES` batches is sorted by length, cut into batches, and the batches are put
+    in a random order.
     """
-    column = "input_ids" if args.passages == "split" else "text"  # the passages' token ids, or the records' text
     if isinstance(dataset, datasets.Dataset):
-        return dataset.map(lambda batch: {"length": [len(item) for item in batch[column]]}, batched=True, desc="Measuring passages")
+        return dataset.map(lambda batch: {"length": [len(ids) for ids in batch["input_ids"]]}, batched=True, desc="Measuring passages")
     window = args.batch_size * LENGTH_GROUP_BATCHES
-    return dataset.map(LengthGroups(column, args.batch_size, args.seed), batched=True, batch_size=window)
+    return dataset.map(LengthGroups("input_ids", args.batch_size, args.seed), batched=True, batch_size=window)
 
 
 class LengthGroups:
@@ -750,6 +750,8 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "passages_trained": steps * args.batch_size * args.gradient_accumulation_steps * processes,
         "passages_from_long_records": args.passages,
         "skipped_records": skipped_records(),
+        "empty_passages": empty_passages(),  # no text after tokenization: left out (in a stream, of those read)
+        "unknown_passages": unknown_passages(),  # nothing but [UNK]: trained (in a stream, of those read)
         "encoder_mask_ratio": args.encoder_mask_ratio,
         "decoder_mask_ratio": args.decoder_mask_ratio,
         "enhanced_decoding": args.enhanced_decoding,
