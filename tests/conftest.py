@@ -32,6 +32,14 @@ TEXTS = [
     "short text",
     "Dense retrieval maps queries and passages into the same vector space.",
 ]
+# Text the bert-base-uncased vocabulary cannot spell, in part or whole: emoji, a 120-character path, a 300-character "word".
+UNKNOWN_TEXTS = [
+    "😀🎉🔥 🚀",
+    "Dense retrieval 🚀 maps queries 😀 into one vector space.",
+    "See https://example.org/" + "q" * 120 + " for the unbelievably long address.",
+    "x" * 300,
+    "Emoji 😀🎉 and " + "y" * 150 + " again 🔥 in passing.",
+]
 
 
 def decoder_mask(batch: dict) -> torch.BoolTensor:

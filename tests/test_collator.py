@@ -5,7 +5,7 @@ import torch
 
 from retromae import RetroMAECollator
 
-from conftest import TEXTS, decoder_mask
+from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
 
 
 def word_spans(tokenizer, ids):
@@ -279,3 +279,82 @@ def test_without_enhanced_decoding_the_decoder_reads_a_masked_copy(tokenizer):
         masked += chosen.sum().item()
         content += (real & ~special).sum().item()
     assert masked / content == pytest.approx(0.50, abs=0.04)
+
+
+@pytest.fixture
+def unknown_batches(collator):
+    """Batches of text with [UNK] (and all-[UNK] passages) over 25 epochs of masks."""
+    batches = []
+    for epoch in range(25):
+        collator.set_epoch(epoch)
+        batches.append(collator(UNKNOWN_TEXTS + TEXTS))
+    return batches
+
+
+def test_unknown_tokens_are_rebuilt_by_the_decoder_and_never_masked_by_the_encoder(unknown_batches, tokenizer):
+    for batch in unknown_batches:
+        unknown = batch["decoder_input_ids"] == tokenizer.unk_token_id
+        assert (batch["decoder_labels"][unknown] == tokenizer.unk_token_id).all()
+        assert (batch["encoder_labels"][unknown] == -100).all()
+        assert (batch["encoder_input_ids"][unknown] == tokenizer.unk_token_id).all()
+        assert (batch["encoder_labels"][~unknown] != -100).any()
+    assert unknown[: len(UNKNOWN_TEXTS)].any(1).all()
+
+
+def test_decoder_patterns_may_hide_unknown_tokens(unknown_batches, tokenizer):
+    """Each row hides [UNK] as often as any other token: at the decoder's ratio."""
+    hidden = total = 0
+    for batch in unknown_batches:
+        unknown = batch["decoder_input_ids"] == tokenizer.unk_token_id  # (batch, seq)
+        real = batch["encoder_attention_mask"].bool()
+        seq = unknown.shape[1]
+        rows = real[:, :, None] & unknown[:, None, :] & ~torch.eye(seq, dtype=torch.bool)
+        hidden += (~decoder_mask(batch) & rows).sum().item()
+        total += rows.sum().item()
+    assert hidden / total == pytest.approx(0.50, abs=0.05)
+
+
+def authors_whole_words(tokens):
+    """
+    The whole-word candidates of the authors' code (transformers 4.34's `_whole_word_mask`, which
+    their collator calls for the encoder and every decoder pattern): every token but "[CLS]" and
+    "[SEP]", a "##" token joined to the word before; [UNK] is a word like any other.
+    """
+    words = []
+    for position, token in enumerate(tokens):
+        if token in ("[CLS]", "[SEP]"):
+            continue
+        if words and token.startswith("##"):
+            words[-1].append(position)
+        else:
+            words.append([position])
+    return words
+
+
+def test_a_batch_with_unknown_tokens_follows_the_authors_rules(unknown_batches, tokenizer):
+    """
+    Re-derived from staoxiao/RetroMAE src/pretrain/data.py: decoder labels are the ids with the first
+    and last token (and padding) at -100; the encoder's and each decoder row's masks take whole
+    candidate words; the encoder's masking (transformers' `torch_mask_tokens`) then drops every
+    special id, [UNK] included; a decoder row also hides its own position.
+    """
+    special = set(tokenizer.all_special_ids)
+    for batch in unknown_batches:
+        mask = decoder_mask(batch)
+        for row, length in enumerate(batch["encoder_attention_mask"].sum(1).tolist()):
+            ids = batch["decoder_input_ids"][row, :length].tolist()
+            words = authors_whole_words(tokenizer.convert_ids_to_tokens(ids))
+            expected_labels = [-100] + ids[1:-1] + [-100] + [-100] * (mask.shape[1] - length)
+            assert batch["decoder_labels"][row].tolist() == expected_labels
+            ours = batch["decoder_word_ids"][row, :length]
+            assert sorted(words) == sorted((ours == word).nonzero().flatten().tolist() for word in ours.unique() if word >= 0)
+            chosen = (batch["encoder_labels"][row, :length] != -100).tolist()
+            assert not any(chosen[i] for i in range(length) if ids[i] in special)
+            for word in words:
+                spelled = [i for i in word if ids[i] not in special]
+                assert len({chosen[i] for i in spelled}) <= 1
+            for query in range(length):
+                hidden = (~mask[row, query, :length]).tolist()
+                assert hidden[query] and not any(hidden[i] for i in (0, length - 1) if i != query)
+                for word in words:
+                    assert len({hidden[i] for i in word if i != query}) <= 1
