@@ -12,7 +12,7 @@ from transformers.utils import TransformersKwargs
 
 from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel
 
-from conftest import TEXTS, decoder_mask
+from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
 
 
 def layer_norm(x, module):
@@ -65,11 +65,12 @@ def reference_losses(model, batch):
     return encoder_loss, decoder_loss
 
 
+@pytest.mark.parametrize("texts", [TEXTS, UNKNOWN_TEXTS + TEXTS[:2]], ids=["text", "with-unknown-tokens"])
 @pytest.mark.parametrize("enhanced_decoding", [True, False], ids=["enhanced-decoding", "ablation"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_losses_match_a_hand_computed_reference(tokenizer, tiny_config, attn_implementation, enhanced_decoding):
+def test_losses_match_a_hand_computed_reference(tokenizer, tiny_config, attn_implementation, enhanced_decoding, texts):
     tiny_config.enhanced_decoding = enhanced_decoding
-    batch = RetroMAECollator(tokenizer, max_length=64, seed=0, enhanced_decoding=enhanced_decoding)(TEXTS)
+    batch = RetroMAECollator(tokenizer, max_length=64, seed=0, enhanced_decoding=enhanced_decoding)(texts)
     model = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation=attn_implementation).eval()
     with torch.no_grad():
         output = model(**batch)
@@ -77,6 +78,20 @@ def test_losses_match_a_hand_computed_reference(tokenizer, tiny_config, attn_imp
     assert output.encoder_loss.item() == pytest.approx(encoder_loss.item(), abs=1e-5)
     assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
     assert output.loss.item() == pytest.approx((encoder_loss + decoder_loss).item(), abs=1e-5)
+
+
+def test_a_batch_of_nothing_but_unknown_tokens_trains_the_decoder(tiny_config, tokenizer):
+    """Emoji-only lines and over-long "words" are all [UNK]: the encoder has nothing to rebuild (loss 0), the decoder every [UNK]."""
+    batch = RetroMAECollator(tokenizer, max_length=64, seed=0)([UNKNOWN_TEXTS[0], UNKNOWN_TEXTS[3]])
+    assert (batch["encoder_labels"] == -100).all() and (batch["decoder_labels"] == tokenizer.unk_token_id).sum() == 3
+    model = RetroMAEForPreTraining(tiny_config).train()
+    output = model(**batch)
+    assert output.encoder_loss.item() == 0.0
+    assert output.decoder_loss.item() == pytest.approx(math.log(tiny_config.encoder.vocab_size), rel=0.05)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for name in ("decoder.layers.0.attention.self.query.weight", "encoder.bert.encoder.layer.1.output.dense.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
 def test_untrained_losses_are_near_log_vocabulary(tiny_config, batch):
