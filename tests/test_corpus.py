@@ -5,6 +5,9 @@ import csv
 import gzip
 import json
 import lzma
+import os
+import subprocess
+import sys
 
 import datasets
 import pyarrow as pa
@@ -13,12 +16,14 @@ import pytest
 import zstandard
 
 from retromae import corpus as corpus_module
-from retromae.cli import main
+from retromae import pretrain
+from retromae.cli import build_parser, main
 from retromae.corpus import load_corpus, resolve_corpus, skipped_records
 from retromae.data import CorpusError
-from retromae.passages import PassageSplitter
+from retromae.collator import special_token_ids
+from retromae.passages import PassageSplitter, empty_passages, unknown_passages
 
-from conftest import TEXTS
+from conftest import TEXTS, UNKNOWN_TEXTS
 
 
 RECORDS = [f"{text} Record {i}." for i in range(4) for text in TEXTS]
@@ -259,3 +264,43 @@ def test_a_name_that_is_neither_a_path_nor_a_reachable_hub_dataset_is_refused_cl
     error = capsys.readouterr().err
     assert "no-such-corpus could not be read (no such local file or folder, so it was read as a Hub dataset id)" in error
     assert "Traceback" not in error
+
+
+# Lines with no text left after tokenization: zero-width spaces, a byte-order mark, a special token written out.
+NO_TEXT = ["\u200b\u200b", "\ufeff", "[SEP]"]
+# One line in 8 is emoji only (all [UNK]); the lines with no text come in between.
+WEB_LINES = [UNKNOWN_TEXTS[0] if i % 8 == 7 else RECORDS[i] for i in range(16)]
+WEB_LINES[2:2], WEB_LINES[9:9], WEB_LINES[13:13] = [NO_TEXT[0]], [NO_TEXT[1]], [NO_TEXT[2]]
+
+
+@pytest.mark.parametrize("passages", ["split", "truncate"])
+@pytest.mark.parametrize(
+    "path", [["--max-steps", "-1"], [], ["--streaming"]], ids=["cut before training", "cut as read", "streamed"]
+)
+def test_passages_with_no_text_are_left_out_and_all_unknown_ones_kept_and_counted(tmp_path, tokenizer, path, passages):
+    args = build_parser().parse_args(tiny_run(write_lines(tmp_path / "web.txt", WEB_LINES), tmp_path / "run", "--passages", passages, *path))
+    pretrain.resolve_defaults(args)
+    dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data), tokenizer)
+    trained = [example["input_ids"] for example in dataset]  # one pass
+    special = set(special_token_ids(tokenizer))
+    assert len(trained) == len(WEB_LINES) - len(NO_TEXT)
+    assert all(any(i not in special for i in ids) for ids in trained)
+    assert sum(set(ids) == {tokenizer.unk_token_id} for ids in trained) == len(WEB_LINES) // 8
+    assert empty_passages() == len(NO_TEXT) and unknown_passages() == len(WEB_LINES) // 8
+
+
+def test_a_corpus_with_emoji_lines_trains_to_the_end_and_reports_them(tmp_path):
+    """
+    One line in 8 all [UNK], three with no text: an epoch trains through all of them, and says so.
+    In a subprocess, as a user runs it (about 5 s of CPU, most of it importing).
+    """
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "retromae.cli", *tiny_run(write_lines(tmp_path / "web.txt", WEB_LINES), output_dir, "--max-steps", "-1")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    unknown = len(WEB_LINES) // 8
+    assert f"Of the passages read, {len(NO_TEXT)} had no text after tokenization (left out) and {unknown} nothing but [UNK]" in result.stdout
+    record = json.loads((output_dir / "model" / "retromae_pretraining.json").read_text())
+    assert record["empty_passages"] == len(NO_TEXT) and record["unknown_passages"] == unknown
+    assert record["records"] == len(WEB_LINES) and record["passages"] == len(WEB_LINES) - len(NO_TEXT)
+    assert record["steps"] == record["passages"] // 4 and record["final_loss"] is not None
