@@ -6,10 +6,12 @@ BERT-style; every row of the enhanced-decoding mask draws its own aggressive pat
 its own position. [UNK] stands for text the vocabulary cannot spell, so it is not special here:
 as in the authors' code the decoder rebuilds it and its patterns may hide it, and only the
 encoder's masking leaves it as it is (transformers' collator, which the authors' code uses,
-never masks a special id). A passage of nothing but [UNK] thus still trains the decoder. The collator draws the encoder's masking and describes the decoder's mask (the
-words, a seed per example, the share to hide); the model draws that mask on its own device, a
-block of rows at a time, with the same whole-word draw (`WholeWordDraw`), so that a
-(batch, seq, seq) mask is never built on the host or sent to the device.
+never masks a special id). A passage of nothing but [UNK] thus still trains the decoder.
+
+The collator draws the encoder's masking and describes the decoder's mask (the words, a seed per
+example, the share to hide); the model draws that mask on its own device, a block of rows at a
+time, with the same whole-word draw (`WholeWordDraw`), so that a (batch, seq, seq) mask is never
+built on the host or sent to the device.
 
 With a seed, a batch's masks are a pure function of (seed, epoch, the batch's tokens): a run
 draws the same masks again when it is repeated or resumed from a checkpoint, however the data
