@@ -211,13 +211,13 @@ def test_length_groups_keep_every_passage_and_batch_similar_lengths():
 
 
 @pytest.mark.parametrize("steps", [["--max-steps", "4"], ["--max-steps", "-1", "--epochs", "1"]], ids=["cut-as-read", "counted-in-epochs"])
-def test_group_by_length_trains_whether_the_corpus_is_cut_as_read_or_up_front(corpus, tmp_path, steps):
+def test_group_by_length_trains_whether_the_corpus_is_cut_as_read_or_up_front(corpus, tmp_path, steps, tiny_config):
     args = build_parser().parse_args([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps])
     pretrain.resolve_defaults(args)
     dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data, None, "train"), AutoTokenizer.from_pretrained(MINILM_PATH))
     if steps[1] == "-1":
         assert "length" in dataset.column_names
         assert dataset["length"] == [len(ids) for ids in dataset["input_ids"]]
-        assert pretrain.training_arguments(args).train_sampling_strategy == "group_by_length"
+        assert pretrain.training_arguments(args, RetroMAEForPreTraining(tiny_config)).train_sampling_strategy == "group_by_length"
     assert main([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps]) == 0
     assert json.loads((tmp_path / "run" / "model" / "retromae_pretraining.json").read_text())["group_by_length"] is True
