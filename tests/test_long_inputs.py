@@ -214,6 +214,7 @@ def test_length_groups_keep_every_passage_and_batch_similar_lengths():
 def test_group_by_length_trains_whether_the_corpus_is_cut_as_read_or_up_front(corpus, tmp_path, steps, tiny_config):
     args = build_parser().parse_args([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps])
     pretrain.resolve_defaults(args)
+    pretrain.check_arguments(args)
     dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data, None, "train"), AutoTokenizer.from_pretrained(MINILM_PATH))
     if steps[1] == "-1":
         assert "length" in dataset.column_names
