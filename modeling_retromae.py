@@ -633,8 +633,12 @@ class RetroMAEPreTrainedModel(PreTrainedModel):
     Weight initialisation and loading rules of RetroMAE pre-training models.
 
     The encoder is initialised by its family's own rules; the decoder's layers like BERT's.
-    Flash and flex attention are turned off: the enhanced decoder attends under an arbitrary
-    (batch, rows, seq) mask, which eager and SDPA attention take and those kernels do not.
+    The decoder's attention is eager or SDPA, never flash or flex attention: flash-attention-2
+    takes no mask but padding and causality, and the enhanced-decoding mask is an arbitrary
+    (batch, rows, seq) one; flex attention would take it as a `mask_mod`, but a random half of
+    every row is hidden, so no block of it is empty for a `BlockMask` to skip, and SDPA with the
+    boolean block does the same work without compiling. The encoder takes any kernel its family
+    does: `attn_implementation={"": "sdpa", "encoder": "flash_attention_2"}` (a single name sets both).
     """
 
     config_class = RetroMAEConfig
@@ -706,8 +710,14 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def from_encoder_checkpoint(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
         """The family's masked-LM model from its checkpoint as the encoder, with a fresh decoder (see `from_pretrained`)."""
         settings = {name: kwargs.pop(name) for name in RETROMAE_FIELDS if name in kwargs}
-        encoder, info = AutoModelForMaskedLM.from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        config = RetroMAEConfig(encoder=encoder.config, attn_implementation=encoder.config._attn_implementation, **settings)
+        attention = kwargs.pop("attn_implementation", None)
+        # One kernel for both, or {"": the decoder's, "encoder": the encoder's} as `_from_config` takes it.
+        parts = attention if isinstance(attention, dict) else {"": attention}
+        encoder, info = AutoModelForMaskedLM.from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, attn_implementation=parts.get("encoder", parts.get("")), **kwargs
+        )
+        attention = {"": parts.get("") or encoder.config._attn_implementation, "encoder": encoder.config._attn_implementation}
+        config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
         model = cls(config, encoder=encoder)
         if not output_loading_info:
             return model

@@ -161,6 +161,22 @@ def test_flash_attention_is_refused_with_a_clear_error(tiny_config):
         RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="flash_attention_2")
 
 
+def test_the_encoder_takes_flex_attention_and_the_decoder_stays_on_sdpa(tiny_config, batch):
+    """The dict form gives the encoder its family's kernel; on CPU flex attention runs forward only (torch has no backward there)."""
+    sdpa = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="sdpa").eval()
+    flex = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation={"": "sdpa", "encoder": "flex_attention"}).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    assert (flex.encoder.config._attn_implementation, flex.decoder.config._attn_implementation) == ("flex_attention", "sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(flex(**batch).loss, sdpa(**batch).loss, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_loads_with_one_kernel_for_the_encoder_and_another_for_the_decoder(tiny_config, tmp_path):
+    RetroMAEForPreTraining(tiny_config).encoder.save_pretrained(tmp_path)
+    model = RetroMAEForPreTraining.from_pretrained(tmp_path, attn_implementation={"": "sdpa", "encoder": "eager"})
+    assert (model.encoder.config._attn_implementation, model.decoder.config._attn_implementation) == ("eager", "sdpa")
+
+
 def assert_same_loss_and_gradients(plain, other, batch, atol, other_forward=None):
     """`other`, run through `other_forward` (itself by default), gives `plain`'s loss and every gradient."""
     losses = []
