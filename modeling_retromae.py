@@ -515,8 +515,14 @@ class EnhancedDecodingAttention(BertCrossAttention):
         self.rotary_base = rotary_base
 
     def keys_values(self, content_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, heads, seq, head) keys and values of the content stream."""
-        key, value = self.heads(self.key(content_stream)), self.heads(self.value(content_stream))
+        """
+        (batch, heads, seq, head) keys and values of the content stream, in its dtype.
+
+        Every block of query rows reads them, so their gradients are sums over the blocks: kept in
+        the content stream's dtype (float32 under bf16 autocast, where the projection gives bf16),
+        those sums accumulate in float32; each block's attention still runs in bf16.
+        """
+        key, value = (self.heads(projection(content_stream).to(content_stream.dtype)) for projection in (self.key, self.value))
         if self.rotary_base is not None:
             key = rotate(key, self.angles(torch.arange(key.shape[2], device=key.device)))
         return key, value
