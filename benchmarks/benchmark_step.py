@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
-from retromae.modeling_retromae import max_tokens
+from retromae.modeling_retromae import encoder_family, max_tokens
+from retromae.plan import parameter_counts, step_memory
 from retromae.pretrain import demo_model_path, hardware
 
 
@@ -77,8 +78,11 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
     return dense_mlm_loss(encoder_states, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
 
 
-def encoder_config(family: str, size: str, tokenizer, seq_length: int):
-    """A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for `seq_length` tokens."""
+def encoder_config(family: str, size: str, tokenizer, seq_length: int, attention_dropout: float | None = None):
+    """
+    A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for
+    `seq_length` tokens; its attention dropout the family's default unless given.
+    """
     first, separator = tokenizer.cls_token_id, tokenizer.sep_token_id
     ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": first, "bos_token_id": first, "sep_token_id": separator, "eos_token_id": separator}
     config_fields = {field.name for field in dataclasses.fields(CONFIG_MAPPING[family])}
@@ -87,6 +91,8 @@ def encoder_config(family: str, size: str, tokenizer, seq_length: int):
     )
     config.max_position_embeddings = max(512, seq_length)
     config.max_position_embeddings += max(512, seq_length) - max_tokens(config)  # room for the family's position offset
+    if attention_dropout is not None:
+        setattr(config, encoder_family(family).config_names.get("attention_probs_dropout_prob", "attention_probs_dropout_prob"), attention_dropout)
     return config
 
 
@@ -325,12 +331,22 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
 
 
 def one_process_step(args, tokenizer) -> dict:
-    """One variant at one length in this process: median step seconds (collation included) and peak memory."""
+    """
+    One variant at one length in this process: median step seconds (collation included), peak
+    memory, and the memory before the model was built (the process's baseline: the libraries and
+    the tokenizer). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
+    comes with them, in the step's precision.
+    """
     variant, seq_length = args.one_process[0], int(args.one_process[1])
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.manual_seed(0)
-    config = encoder_config(args.family, args.size, tokenizer, seq_length)
+    config = encoder_config(args.family, args.size, tokenizer, seq_length, args.attention_dropout)
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    planned = None
+    if variant == "ours":
+        precision = "fp32" if args.dtype == "float32" else "bf16"
+        planned = step_memory(config, parameter_counts(config), args.batch_size, seq_length, "DDP", 1, precision, False).peak / 2**30
     if variant == "ours":
         model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config, attn_implementation="sdpa")).to(device)
         collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
@@ -350,7 +366,14 @@ def one_process_step(args, tokenizer) -> dict:
         torch.cuda.reset_peak_memory_stats()
     seconds = median_seconds(step, args.repeats, args.warmup, synchronize)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "seq_length": seq_length, "step_seconds": seconds, "peak_gib": peak / 2**30}
+    return {
+        "variant": variant,
+        "seq_length": seq_length,
+        "step_seconds": seconds,
+        "peak_gib": peak / 2**30,
+        "baseline_gib": baseline / 2**30,
+        "planned_gib": planned,
+    }
 
 
 def memory_against_length(args) -> dict:
@@ -359,6 +382,7 @@ def memory_against_length(args) -> dict:
     for seq_length in args.lengths:
         for variant in ("ours", "mlm"):
             command = [sys.executable, __file__, "--one-process", variant, str(seq_length), "--family", args.family, "--size", args.size]
+            command += ["--dtype", args.dtype] + (["--attention-dropout", str(args.attention_dropout)] if args.attention_dropout is not None else [])
             command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
             command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
             finished = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -414,6 +438,12 @@ def print_length_table(report: dict) -> None:
             f"{r['seq_length']:<6} {r['ours']['peak_gib']:<9.2f} {r['mlm']['peak_gib']:<8.2f} {r['memory_ours_over_mlm']:<9.2f} "
             f"{r['ours']['step_seconds']:<8.2f} {r['mlm']['step_seconds']:<8.2f} {r['time_ours_over_mlm']:.2f}"
         )
+    print("\nretromae plan against the measured step (ours; peak minus the process's memory before the model was built):")
+    print("| L | measured GiB | planned GiB | error |")
+    print("|---|---|---|---|")
+    for r in report["results"]:
+        measured = r["ours"]["peak_gib"] - r["ours"]["baseline_gib"]
+        print(f"| {r['seq_length']} | {measured:.3f} | {r['ours']['planned_gib']:.3f} | {100 * (r['ours']['planned_gib'] / measured - 1):+.0f}% |")
 
 
 def print_table(report: dict) -> None:
@@ -456,6 +486,12 @@ def main() -> None:
         nargs="+",
         help="Instead of the comparison above: peak memory and step time of ours and of the family's MLM against L, "
         "each in a process of its own, with a plot next to --output (e.g. --size smoke --batch-size 2 --lengths 512 1024 2048 4096 8192).",
+    )
+    parser.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="The encoder's attention dropout. Default: the family's. 0 lets SDPA on CPU take its fused kernel, as a GPU's "
+        "kernels do with dropout; with dropout CPU SDPA falls back to the math kernel, which keeps (seq, seq) scores.",
     )
     parser.add_argument("--one-process", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
