@@ -887,21 +887,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_gradients else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_gradients and bias is not None else None
         for start in range(0, len(labels), chunk_rows):
-            rows, targets = states[start : start + chunk_rows], labels[start : start + chunk_rows]
-            logits = F.linear(rows, weight, bias).float()  # (chunk, vocab)
-            log_probabilities = logits.log_softmax(-1)
-            total -= log_probabilities.gather(1, targets[:, None]).sum()
-            if not wants_gradients:
-                continue
-            grad_logits = log_probabilities.exp_()  # softmax - one-hot: d(summed loss) / d(logits)
-            grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-            grad_states[start : start + chunk_rows] = (grad_logits.to(rows.dtype) @ weight.to(rows.dtype)).to(states.dtype)
-            grad_weight += grad_logits.T @ rows.float()
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            rows = slice(start, start + chunk_rows)
+            gradients = (grad_states[rows], grad_weight, grad_bias) if wants_gradients else None
+            total += LinearCrossEntropy.chunk(states[rows], weight, bias, labels[rows], gradients)
         ctx.save_for_backward(grad_states, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
+
+    @staticmethod
+    def chunk(rows, weight, bias, targets, gradients: tuple | None) -> torch.Tensor:
+        """
+        The summed loss of one chunk of rows; with `gradients` (the chunk's rows of the states'
+        gradient, the weight's and the bias's sums), the chunk's gradients are added to them. The
+        chunk's logits live only while this runs: at most two (chunk, vocab) float32 tensors at once.
+        """
+        log_probabilities = F.linear(rows, weight, bias).float().log_softmax(-1)  # (chunk, vocab)
+        loss = -log_probabilities.gather(1, targets[:, None]).sum()
+        if gradients is None:
+            return loss
+        grad_rows, grad_weight, grad_bias = gradients
+        grad_logits = log_probabilities.exp_()  # softmax - one-hot: d(summed loss) / d(logits)
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        grad_rows.copy_(grad_logits.to(rows.dtype) @ weight.to(rows.dtype))
+        grad_weight += grad_logits.T @ rows.float()
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_total):

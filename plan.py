@@ -169,7 +169,8 @@ def activation_bytes(encoder: PreTrainedConfig, batch_size: int, seq_length: int
     block = max(1, DECODER_BLOCK_SCORES // (batch_size * heads * seq_length))
     recomputes = checkpointing or block < seq_length
     block_rows = min(block, seq_length)
-    block_bytes = batch_size * block_rows * ((6 * h + 2 * inner) * w + 2 * h + seq_length)  # a block's layer values and its mask
+    # A block's layer values, and its mask as drawn (three one-byte tensors) and as the attention kernel takes it (one value each).
+    block_bytes = batch_size * block_rows * ((6 * h + 2 * inner) * w + 2 * h + (3 + w) * seq_length)
     pattern_bytes = batch_size * min(seq_length, 256) * seq_length
     decoder_blocks = tokens * h * w if recomputes else block_bytes * math.ceil(seq_length / block_rows)
     chunk_rows = min(decoder_rows, max(1, LOGITS_CHUNK // vocab))
@@ -177,8 +178,8 @@ def activation_bytes(encoder: PreTrainedConfig, batch_size: int, seq_length: int
         "encoder": embeddings + encoder_layers,
         "decoder": streams + pattern_bytes + decoder_blocks,
         "head": head(encoder_rows) + head(decoder_rows),
-        # A chunk's float32 logits and log-probabilities (and the bf16 projection they come from), the weight's gradient term.
-        "transient": chunk_rows * vocab * (8 + (w if w < 4 else 0)) + vocab * h * 4,
+        # A chunk's float32 logits and log-probabilities, or its gradient and the weight's gradient term.
+        "transient": max(8 * chunk_rows * vocab, 4 * chunk_rows * vocab + 4 * vocab * h),
         # In backward, what lives beside the gradients: the encoder layers' activations, as each layer (recomputed or kept)
         # runs its backward, or the decoder's recomputed block.
         "recompute": max(encoder_layers + encoder_recompute, block_bytes if recomputes else 0),

@@ -52,7 +52,10 @@ SIZES = {
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+# Dense bf16 peak TFLOP/s by device name (vendor datasheets, without sparsity); the first name the device's contains wins.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def synthetic_batch_ids(tokenizer, batch_size: int, seq_length: int, seed: int) -> list[list[int]]:
@@ -332,21 +335,25 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
 
 def one_process_step(args, tokenizer) -> dict:
     """
-    One variant at one length in this process: median step seconds (collation included), peak
-    memory, and the memory before the model was built (the process's baseline: the libraries and
-    the tokenizer). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
-    comes with them, in the step's precision.
+    One variant at one length in this process: median step seconds (collation included), tokens/s,
+    peak memory, and the memory before the model was built (the process's baseline: the libraries
+    and the tokenizer). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
+    comes with them, in the step's precision. With a peak FLOP/s (`--peak-tflops`), the step's
+    FLOPs and its model FLOPs utilisation as well: FLOPs counted on one example with gradient
+    checkpointing off (its recomputation is not model work), times the batch.
     """
     variant, seq_length = args.one_process[0], int(args.one_process[1])
-    device = torch.device(args.device)
+    device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.manual_seed(0)
     config = encoder_config(args.family, args.size, tokenizer, seq_length, args.attention_dropout)
+    config.vocab_size = args.vocab_size or config.vocab_size
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     planned = None
     if variant == "ours":
         precision = "fp32" if args.dtype == "float32" else "bf16"
-        planned = step_memory(config, parameter_counts(config), args.batch_size, seq_length, "DDP", 1, precision, False).peak / 2**30
+        memory = step_memory(config, parameter_counts(config), args.batch_size, seq_length, "DDP", 1, precision, args.gradient_checkpointing)
+        planned = memory.peak / 2**30
     if variant == "ours":
         model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config, attn_implementation="sdpa")).to(device)
         collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
@@ -355,13 +362,23 @@ def one_process_step(args, tokenizer) -> dict:
         collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0, enhanced_decoding=False)
     ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
 
-    def compute_loss():
-        batch = {name: tensor.to(device) for name, tensor in collator(ids).items()}
-        if variant == "ours":
-            return model(**batch).loss
-        return model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
+    def loss_of(examples):
+        batch = {name: tensor.to(device) for name, tensor in collator(examples).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            if variant == "ours":
+                return model(**batch).loss
+            return model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
 
-    step = training_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-5), compute_loss)
+    model.train()
+    flops = None
+    if args.peak_tflops:
+        with FlopCounterMode(display=False) as counter:
+            loss_of(ids[:1]).backward()
+        flops = counter.get_total_flops() * args.batch_size
+        model.zero_grad(set_to_none=True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: loss_of(ids))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_seconds(step, args.repeats, args.warmup, synchronize)
@@ -370,6 +387,9 @@ def one_process_step(args, tokenizer) -> dict:
         "variant": variant,
         "seq_length": seq_length,
         "step_seconds": seconds,
+        "tokens_per_second": args.batch_size * seq_length / seconds,
+        "step_flops": flops,
+        "mfu": flops / seconds / (args.peak_tflops * 1e12) if flops else None,
         "peak_gib": peak / 2**30,
         "baseline_gib": baseline / 2**30,
         "planned_gib": planned,
@@ -383,6 +403,8 @@ def memory_against_length(args) -> dict:
         for variant in ("ours", "mlm"):
             command = [sys.executable, __file__, "--one-process", variant, str(seq_length), "--family", args.family, "--size", args.size]
             command += ["--dtype", args.dtype] + (["--attention-dropout", str(args.attention_dropout)] if args.attention_dropout is not None else [])
+            command += (["--gradient-checkpointing"] if args.gradient_checkpointing else []) + (["--vocab-size", str(args.vocab_size)] if args.vocab_size else [])
+            command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
             command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
             command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
             finished = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -395,6 +417,9 @@ def memory_against_length(args) -> dict:
         "family": args.family,
         "size": args.size,
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "peak_tflops": args.peak_tflops,
         "memory": "peak allocated (GPU)" if args.device.startswith("cuda") else "peak resident set size of the process (CPU)",
         "machine": f"{hardware(torch.device(args.device))}, torch {torch.__version__}",
         "results": [
@@ -408,6 +433,41 @@ def memory_against_length(args) -> dict:
             for seq_length, pair in sorted(by_length.items())
         ],
     }
+
+
+def device_peak_tflops(name: str) -> float:
+    """The dense bf16 peak of a CUDA device by its name; a device not in `PEAK_BF16_TFLOPS` needs --peak-tflops."""
+    for known, tflops in PEAK_BF16_TFLOPS.items():
+        if known in name:
+            return tflops
+    raise SystemExit(f"No bf16 peak known for {name!r} (known: {', '.join(PEAK_BF16_TFLOPS)}); pass --peak-tflops.")
+
+
+def write_markdown_table(paths: list[str], output: str) -> None:
+    """One row per report and variant: step time, tokens/s, MFU, peak memory, and the plan's figure for ours."""
+    lines = [
+        "| model | L | batch | checkpointing | step | s/step | tokens/s | MFU | peak GiB | planned GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    machines = []
+    for path in paths:
+        with open(path) as file:
+            report = json.load(file)
+        machines.append(report["machine"])
+        for result in report["results"]:
+            for variant, name in (("ours", "RetroMAE"), ("mlm", "family MLM")):
+                row = result[variant]
+                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+                planned = f"{row['planned_gib']:.2f}" if row["planned_gib"] is not None else "-"
+                lines.append(
+                    f"| {report['family']} {report['size']} | {result['seq_length']} | {report['batch_size']} | "
+                    f"{'on' if report['gradient_checkpointing'] else 'off'} | {name} | {row['step_seconds']:.3f} | "
+                    f"{row['tokens_per_second']:,.0f} | {mfu} | {row['peak_gib']:.2f} | {planned} |"
+                )
+    lines.append(f"\n{'; '.join(sorted(set(machines)))}; {report['dtype']} autocast, MFU against {report['peak_tflops']} TFLOP/s.")
+    with open(output, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def plot_against_length(report: dict, path: str) -> None:
@@ -467,7 +527,7 @@ def print_table(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="bert", help="Encoder family (a random encoder of it). Default: bert.")
-    parser.add_argument("--size", choices=["smoke", "small", "base"], default="small", help="Model size. Default: small (4 x 256); smoke is 2 x 64.")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size. Default: small (4 x 256); smoke is 2 x 64.")
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[128, 512], help="Sequence lengths. Default: 128 512.")
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step. Default: 8.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per variant (the median is reported). Default: 5.")
@@ -493,13 +553,26 @@ def main() -> None:
         help="The encoder's attention dropout. Default: the family's. 0 lets SDPA on CPU take its fused kernel, as a GPU's "
         "kernels do with dropout; with dropout CPU SDPA falls back to the math kernel, which keeps (seq, seq) scores.",
     )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="With --lengths: recompute activations in backward (both variants).")
+    parser.add_argument("--vocab-size", type=int, help="With --lengths: the model's vocabulary (e.g. 250002 for XLM-R; ids come from --tokenizer). Default: the tokenizer's.")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="With --lengths: the device's peak bf16 TFLOP/s, for MFU. Default on CUDA: from the device's name (PEAK_BF16_TFLOPS).",
+    )
+    parser.add_argument("--markdown-table", nargs="+", metavar="JSON", help="Instead: the table of gpu.sh from --lengths reports, written to --output.")
     parser.add_argument("--one-process", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown_table:
+        write_markdown_table(args.markdown_table, args.output)
+        return
     if args.one_process or args.lengths:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
         if args.one_process:
             print(json.dumps(one_process_step(args, tokenizer)))
             return
+        if args.peak_tflops is None and args.device.startswith("cuda"):
+            args.peak_tflops = device_peak_tflops(torch.cuda.get_device_name(args.device))
         report = memory_against_length(args)
         with open(args.output, "w") as file:
             json.dump(report, file, indent=2)
