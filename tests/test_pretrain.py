@@ -202,7 +202,7 @@ def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
     assert AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True) is not None
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert", "plan"])
 def test_help_documents_every_option(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -254,7 +254,8 @@ def test_an_attention_kernel_the_family_lacks_is_refused(tmp_path, corpus, capsy
 )
 def test_a_kernel_this_machine_cannot_run_is_refused_before_training(corpus, tmp_path, capsys, monkeypatch, kernel, cuda, package, message):
     monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name: package)
+    find_spec = pretrain.importlib.util.find_spec
+    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: package if name == "flash_attn" else find_spec(name, *rest))
     assert main(tiny_run(corpus, tmp_path / "o", "--attn-implementation", kernel)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -262,7 +263,8 @@ def test_a_kernel_this_machine_cannot_run_is_refused_before_training(corpus, tmp
 
 def test_flash_and_flex_attention_leave_the_decoder_on_sdpa(monkeypatch):
     monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name: name)
+    find_spec = pretrain.importlib.util.find_spec
+    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: name if name == "flash_attn" else find_spec(name, *rest))
     encoder = {"model_type": "modernbert", "attention_dropout": 0.0}
     for kernel in ("flash_attention_2", "flex_attention"):
         assert pretrain.attention_implementations(kernel, encoder) == {"": "sdpa", "encoder": kernel}
