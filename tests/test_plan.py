@@ -1,5 +1,9 @@
 """`retromae plan`: the memory formula's parts against hand counts and a measured step, and its command line."""
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig
@@ -126,3 +130,13 @@ def test_a_family_retromae_does_not_pretrain_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     assert main(["plan", "--model", str(tmp_path), "--max-length", "128", "--batch-size", "4", "--gpu-memory", "40"]) == 2
     assert "a 'gpt2' model is not one of them" in capsys.readouterr().err
+
+
+def test_the_plan_in_docs_scaling_is_what_the_command_prints(capsys):
+    """docs/scaling.md shows BGE-M3's plan: its command, run here, prints the page's table."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    section = page[page.index("### BGE-M3's setting") :]
+    command = re.search(r"```bash\n(retromae plan [^\n]+)\n```", section).group(1)
+    assert main(shlex.split(command)[1:]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.split("\n\n")[1] in section and printed.split("\n\n")[0] in section
