@@ -80,6 +80,10 @@ FSDP_NOT_SHARDED = (
     "--fsdp: accelerate shards a model across several processes on GPUs (or other accelerators) only, "
     "so this run would not be sharded. Launch it with torchrun or accelerate launch on several GPUs."
 )
+DECODER_ATTENTION_REASON = (
+    "its enhanced-decoding mask hides a different whole-word pattern in every row, which flash-attention-2 cannot take "
+    "and in which flex attention finds no empty block to skip."
+)
 # Attention kernels of --attn-implementation, and the flag of the family's ...ForMaskedLM class that says it takes each.
 ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "eager": None, "flash_attention_2": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
 
@@ -489,6 +493,8 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab_size}.")
     if args.max_length > positions:
         raise UsageError(f"--max-length {args.max_length} exceeds the {positions} tokens the model's positions allow.")
+    if args.attn_implementation in ("flash_attention_2", "flex_attention") and os.environ.get("RANK", "0") == "0":
+        print(f"The encoder attends with {args.attn_implementation}, the decoder with sdpa: {DECODER_ATTENTION_REASON}")
     return model, tokenizer
 
 
