@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import finetune, pretrain
+from . import finetune, plan, pretrain
 from .errors import Destination, Interrupted, UsageError, at_least
 from .model_folder import PRETRAINING_FILE
 from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         "...ForMaskedLM with max pooling of log(1 + ReLU(MLM scores)), loaded by SparseEncoder(DST) with no flag.",
     )
     converting.set_defaults(handler=run_convert)
+
+    planning = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="peak memory per GPU of a pre-training job under DDP, ZeRO-1/2/3 and FSDP, and the largest batch that fits",
+        description="Count, by formula, the peak memory per GPU of RetroMAE pre-training (weights, gradients, optimiser "
+        "state, activations of the encoder, the decoder's blocks and the chunked MLM head) under DDP, DeepSpeed ZeRO-1/2/3 "
+        "and FSDP2, with and without gradient checkpointing, and the largest batch per GPU that fits. Nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    plan.add_arguments(planning)
+    planning.set_defaults(handler=run_plan)
     return parser
 
 
@@ -241,6 +253,10 @@ def run_convert(args: argparse.Namespace) -> None:
     if not convert(args.source, args.destination):
         print(f"Note: {args.source} has no MLM head; the encoder is converted as is and the head is freshly initialised.")
     print(f"RetroMAE folder written to {args.destination}; publish it with: retromae release {args.destination} --repo-id ORG/NAME")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    print(plan.run(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -515,8 +515,14 @@ class EnhancedDecodingAttention(BertCrossAttention):
         self.rotary_base = rotary_base
 
     def keys_values(self, content_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, heads, seq, head) keys and values of the content stream."""
-        key, value = self.heads(self.key(content_stream)), self.heads(self.value(content_stream))
+        """
+        (batch, heads, seq, head) keys and values of the content stream, in its dtype.
+
+        Every block of query rows reads them, so their gradients are sums over the blocks: kept in
+        the content stream's dtype (float32 under bf16 autocast, where the projection gives bf16),
+        those sums accumulate in float32; each block's attention still runs in bf16.
+        """
+        key, value = (self.heads(projection(content_stream).to(content_stream.dtype)) for projection in (self.key, self.value))
         if self.rotary_base is not None:
             key = rotate(key, self.angles(torch.arange(key.shape[2], device=key.device)))
         return key, value
@@ -633,8 +639,12 @@ class RetroMAEPreTrainedModel(PreTrainedModel):
     Weight initialisation and loading rules of RetroMAE pre-training models.
 
     The encoder is initialised by its family's own rules; the decoder's layers like BERT's.
-    Flash and flex attention are turned off: the enhanced decoder attends under an arbitrary
-    (batch, rows, seq) mask, which eager and SDPA attention take and those kernels do not.
+    The decoder's attention is eager or SDPA, never flash or flex attention: flash-attention-2
+    takes no mask but padding and causality, and the enhanced-decoding mask is an arbitrary
+    (batch, rows, seq) one; flex attention would take it as a `mask_mod`, but a random half of
+    every row is hidden, so no block of it is empty for a `BlockMask` to skip, and SDPA with the
+    boolean block does the same work without compiling. The encoder takes any kernel its family
+    does: `attn_implementation={"": "sdpa", "encoder": "flash_attention_2"}` (a single name sets both).
     """
 
     config_class = RetroMAEConfig
@@ -706,8 +716,14 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def from_encoder_checkpoint(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
         """The family's masked-LM model from its checkpoint as the encoder, with a fresh decoder (see `from_pretrained`)."""
         settings = {name: kwargs.pop(name) for name in RETROMAE_FIELDS if name in kwargs}
-        encoder, info = AutoModelForMaskedLM.from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        config = RetroMAEConfig(encoder=encoder.config, attn_implementation=encoder.config._attn_implementation, **settings)
+        attention = kwargs.pop("attn_implementation", None)
+        # One kernel for both, or {"": the decoder's, "encoder": the encoder's} as `_from_config` takes it.
+        parts = attention if isinstance(attention, dict) else {"": attention}
+        encoder, info = AutoModelForMaskedLM.from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, attn_implementation=parts.get("encoder", parts.get("")), **kwargs
+        )
+        attention = {"": parts.get("") or encoder.config._attn_implementation, "encoder": encoder.config._attn_implementation}
+        config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
         model = cls(config, encoder=encoder)
         if not output_loading_info:
             return model
@@ -871,21 +887,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_gradients else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_gradients and bias is not None else None
         for start in range(0, len(labels), chunk_rows):
-            rows, targets = states[start : start + chunk_rows], labels[start : start + chunk_rows]
-            logits = F.linear(rows, weight, bias).float()  # (chunk, vocab)
-            log_probabilities = logits.log_softmax(-1)
-            total -= log_probabilities.gather(1, targets[:, None]).sum()
-            if not wants_gradients:
-                continue
-            grad_logits = log_probabilities.exp_()  # softmax - one-hot: d(summed loss) / d(logits)
-            grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
-            grad_states[start : start + chunk_rows] = (grad_logits.to(rows.dtype) @ weight.to(rows.dtype)).to(states.dtype)
-            grad_weight += grad_logits.T @ rows.float()
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            rows = slice(start, start + chunk_rows)
+            gradients = (grad_states[rows], grad_weight, grad_bias) if wants_gradients else None
+            total += LinearCrossEntropy.chunk(states[rows], weight, bias, labels[rows], gradients)
         ctx.save_for_backward(grad_states, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
+
+    @staticmethod
+    def chunk(rows, weight, bias, targets, gradients: tuple | None) -> torch.Tensor:
+        """
+        The summed loss of one chunk of rows; with `gradients` (the chunk's rows of the states'
+        gradient, the weight's and the bias's sums), the chunk's gradients are added to them. The
+        chunk's logits live only while this runs: at most two (chunk, vocab) float32 tensors at once.
+        """
+        log_probabilities = F.linear(rows, weight, bias).float().log_softmax(-1)  # (chunk, vocab)
+        loss = -log_probabilities.gather(1, targets[:, None]).sum()
+        if gradients is None:
+            return loss
+        grad_rows, grad_weight, grad_bias = gradients
+        grad_logits = log_probabilities.exp_()  # softmax - one-hot: d(summed loss) / d(logits)
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        grad_rows.copy_(grad_logits.to(rows.dtype) @ weight.to(rows.dtype))
+        grad_weight += grad_logits.T @ rows.float()
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_total):

@@ -80,6 +80,12 @@ FSDP_NOT_SHARDED = (
     "--fsdp: accelerate shards a model across several processes on GPUs (or other accelerators) only, "
     "so this run would not be sharded. Launch it with torchrun or accelerate launch on several GPUs."
 )
+DECODER_ATTENTION_REASON = (
+    "its enhanced-decoding mask hides a different whole-word pattern in every row, which flash-attention-2 cannot take "
+    "and in which flex attention finds no empty block to skip."
+)
+# Attention kernels of --attn-implementation, and the flag of the family's ...ForMaskedLM class that says it takes each.
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "eager": None, "flash_attention_2": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
 
 
 
@@ -167,7 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--bf16", action="store_true", help="Train in bfloat16 mixed precision.")
     training.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations to save memory.")
     training.add_argument("--torch-compile", action="store_true", help="Compile the model with torch.compile.")
-    training.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa", help="Attention kernel. Default: sdpa.")
+    training.add_argument(
+        "--attn-implementation",
+        choices=list(ATTENTION_SUPPORT),
+        default="sdpa",
+        help="The encoder's attention kernel, where its family takes it (flash_attention_2 needs CUDA and the flash-attn "
+        "package; flex_attention CUDA and no attention dropout). The decoder uses sdpa under flash and flex attention: its "
+        "mask is an arbitrary one per row. Default: sdpa (eager for DeBERTa-v2, which has no other).",
+    )
     training.add_argument(
         "--group-by-length",
         action="store_true",
@@ -470,7 +483,8 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
     if args.config:
         tokenizer = load_tokenizer(args.tokenizer or demo_model_path())
         config = RetroMAEConfig(vocab_size=len(tokenizer), **SIZES[args.config], **ratios)
-        model = RetroMAEForPreTraining._from_config(config, attn_implementation=args.attn_implementation)
+        attention = attention_implementations(args.attn_implementation, config.encoder.to_dict())
+        model = RetroMAEForPreTraining._from_config(config, attn_implementation=attention)
     else:
         model = load_base_model(args.model, args.attn_implementation, ratios)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -479,6 +493,8 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab_size}.")
     if args.max_length > positions:
         raise UsageError(f"--max-length {args.max_length} exceeds the {positions} tokens the model's positions allow.")
+    if args.attn_implementation in ("flash_attention_2", "flex_attention") and os.environ.get("RANK", "0") == "0":
+        print(f"The encoder attends with {args.attn_implementation}, the decoder with sdpa: {DECODER_ATTENTION_REASON}")
     return model, tokenizer
 
 
@@ -512,7 +528,7 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
     lacks is an error.
     """
     family = encoder_type(name)
-    attention = attn_implementation if supports_sdpa(family) else "eager"
+    attention = attention_implementations(attn_implementation, encoder_config_dict(checkpoint_config(name)))
     with quiet_loading(), loading("--model", name):
         model, info = RetroMAEForPreTraining.from_pretrained(name, attn_implementation=attention, output_loading_info=True, **settings)
     base = f"encoder.{model.encoder.base_model_prefix}."
@@ -550,9 +566,39 @@ def checkpoint_config(name: str) -> dict:
     return config
 
 
-def supports_sdpa(model_type: str) -> bool:
-    """Whether the family's transformers model takes SDPA attention (DeBERTa-v2 takes eager only)."""
-    return MODEL_FOR_MASKED_LM_MAPPING[CONFIG_MAPPING[model_type]]._supports_sdpa
+def supported_attention(model_type: str) -> list[str]:
+    """The attention kernels of `ATTENTION_SUPPORT` that the family's transformers model takes (DeBERTa-v2: eager only)."""
+    masked_lm = MODEL_FOR_MASKED_LM_MAPPING[CONFIG_MAPPING[model_type]]
+    return [name for name, flag in ATTENTION_SUPPORT.items() if flag is None or getattr(masked_lm, flag)]
+
+
+def attention_implementations(requested: str, encoder: dict) -> dict[str, str]:
+    """
+    `attn_implementation` for `RetroMAEForPreTraining`: the encoder's kernel (`requested`) and the decoder's ("").
+
+    The decoder runs SDPA under flash and flex attention (see `RetroMAEPreTrainedModel`). The
+    default, SDPA, falls back to eager for a family without it; any other kernel a family lacks is
+    refused, as are flash-attention-2 without CUDA or the flash-attn package, and flex attention
+    without CUDA (torch has no flex backward on CPU) or with attention dropout (transformers' flex
+    attention has none).
+    """
+    model_type = encoder["model_type"]
+    supported = supported_attention(model_type)
+    if requested not in supported:
+        if requested == "sdpa":
+            return {"": "eager", "encoder": "eager"}
+        raise UsageError(f"--attn-implementation {requested}: the {model_type} family's transformers model takes only {', '.join(supported)}.")
+    if requested in ("flash_attention_2", "flex_attention") and not torch.cuda.is_available():
+        raise UsageError(f"--attn-implementation {requested} needs a CUDA device, and this machine has none; use sdpa.")
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa without it.")
+    dropout_name = encoder_family(model_type).config_names.get("attention_probs_dropout_prob", "attention_probs_dropout_prob")
+    if requested == "flex_attention" and encoder.get(dropout_name, 0.0) > 0:
+        raise UsageError(
+            f"--attn-implementation flex_attention: transformers' flex attention has no dropout, and the encoder's "
+            f"{dropout_name} is {encoder[dropout_name]}; use sdpa, or a checkpoint whose {dropout_name} is 0."
+        )
+    return {"": "eager" if requested == "eager" else "sdpa", "encoder": requested}
 
 
 def load_summary(name: str, family: str, fresh: list[str], unexpected: list[str]) -> str:

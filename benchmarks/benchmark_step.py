@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
-from retromae.modeling_retromae import max_tokens
+from retromae.modeling_retromae import encoder_family, max_tokens
+from retromae.plan import parameter_counts, step_memory
 from retromae.pretrain import demo_model_path, hardware
 
 
@@ -51,7 +52,10 @@ SIZES = {
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+# Dense bf16 peak TFLOP/s by device name (vendor datasheets, without sparsity); the first name the device's contains wins.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def synthetic_batch_ids(tokenizer, batch_size: int, seq_length: int, seed: int) -> list[list[int]]:
@@ -77,8 +81,11 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
     return dense_mlm_loss(encoder_states, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
 
 
-def encoder_config(family: str, size: str, tokenizer, seq_length: int):
-    """A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for `seq_length` tokens."""
+def encoder_config(family: str, size: str, tokenizer, seq_length: int, attention_dropout: float | None = None):
+    """
+    A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for
+    `seq_length` tokens; its attention dropout the family's default unless given.
+    """
     first, separator = tokenizer.cls_token_id, tokenizer.sep_token_id
     ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": first, "bos_token_id": first, "sep_token_id": separator, "eos_token_id": separator}
     config_fields = {field.name for field in dataclasses.fields(CONFIG_MAPPING[family])}
@@ -87,6 +94,8 @@ def encoder_config(family: str, size: str, tokenizer, seq_length: int):
     )
     config.max_position_embeddings = max(512, seq_length)
     config.max_position_embeddings += max(512, seq_length) - max_tokens(config)  # room for the family's position offset
+    if attention_dropout is not None:
+        setattr(config, encoder_family(family).config_names.get("attention_probs_dropout_prob", "attention_probs_dropout_prob"), attention_dropout)
     return config
 
 
@@ -325,12 +334,26 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
 
 
 def one_process_step(args, tokenizer) -> dict:
-    """One variant at one length in this process: median step seconds (collation included) and peak memory."""
+    """
+    One variant at one length in this process: median step seconds (collation included), tokens/s,
+    peak memory, and the memory before the model was built (the process's baseline: the libraries
+    and the tokenizer). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
+    comes with them, in the step's precision. With a peak FLOP/s (`--peak-tflops`), the step's
+    FLOPs and its model FLOPs utilisation as well: FLOPs counted on one example with gradient
+    checkpointing off (its recomputation is not model work), times the batch.
+    """
     variant, seq_length = args.one_process[0], int(args.one_process[1])
-    device = torch.device(args.device)
+    device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.manual_seed(0)
-    config = encoder_config(args.family, args.size, tokenizer, seq_length)
+    config = encoder_config(args.family, args.size, tokenizer, seq_length, args.attention_dropout)
+    config.vocab_size = args.vocab_size or config.vocab_size
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    planned = None
+    if variant == "ours":
+        precision = "fp32" if args.dtype == "float32" else "bf16"
+        memory = step_memory(config, parameter_counts(config), args.batch_size, seq_length, "DDP", 1, precision, args.gradient_checkpointing)
+        planned = memory.peak / 2**30
     if variant == "ours":
         model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config, attn_implementation="sdpa")).to(device)
         collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
@@ -339,18 +362,38 @@ def one_process_step(args, tokenizer) -> dict:
         collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0, enhanced_decoding=False)
     ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
 
-    def compute_loss():
-        batch = {name: tensor.to(device) for name, tensor in collator(ids).items()}
-        if variant == "ours":
-            return model(**batch).loss
-        return model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
+    def loss_of(examples):
+        batch = {name: tensor.to(device) for name, tensor in collator(examples).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            if variant == "ours":
+                return model(**batch).loss
+            return model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"], labels=batch["encoder_labels"]).loss
 
-    step = training_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-5), compute_loss)
+    model.train()
+    flops = None
+    if args.peak_tflops:
+        with FlopCounterMode(display=False) as counter:
+            loss_of(ids[:1]).backward()
+        flops = counter.get_total_flops() * args.batch_size
+        model.zero_grad(set_to_none=True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: loss_of(ids))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_seconds(step, args.repeats, args.warmup, synchronize)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "seq_length": seq_length, "step_seconds": seconds, "peak_gib": peak / 2**30}
+    return {
+        "variant": variant,
+        "seq_length": seq_length,
+        "step_seconds": seconds,
+        "tokens_per_second": args.batch_size * seq_length / seconds,
+        "step_flops": flops,
+        "mfu": flops / seconds / (args.peak_tflops * 1e12) if flops else None,
+        "peak_gib": peak / 2**30,
+        "baseline_gib": baseline / 2**30,
+        "planned_gib": planned,
+    }
 
 
 def memory_against_length(args) -> dict:
@@ -359,6 +402,9 @@ def memory_against_length(args) -> dict:
     for seq_length in args.lengths:
         for variant in ("ours", "mlm"):
             command = [sys.executable, __file__, "--one-process", variant, str(seq_length), "--family", args.family, "--size", args.size]
+            command += ["--dtype", args.dtype] + (["--attention-dropout", str(args.attention_dropout)] if args.attention_dropout is not None else [])
+            command += (["--gradient-checkpointing"] if args.gradient_checkpointing else []) + (["--vocab-size", str(args.vocab_size)] if args.vocab_size else [])
+            command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
             command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
             command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
             finished = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -371,6 +417,9 @@ def memory_against_length(args) -> dict:
         "family": args.family,
         "size": args.size,
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "peak_tflops": args.peak_tflops,
         "memory": "peak allocated (GPU)" if args.device.startswith("cuda") else "peak resident set size of the process (CPU)",
         "machine": f"{hardware(torch.device(args.device))}, torch {torch.__version__}",
         "results": [
@@ -384,6 +433,41 @@ def memory_against_length(args) -> dict:
             for seq_length, pair in sorted(by_length.items())
         ],
     }
+
+
+def device_peak_tflops(name: str) -> float:
+    """The dense bf16 peak of a CUDA device by its name; a device not in `PEAK_BF16_TFLOPS` needs --peak-tflops."""
+    for known, tflops in PEAK_BF16_TFLOPS.items():
+        if known in name:
+            return tflops
+    raise SystemExit(f"No bf16 peak known for {name!r} (known: {', '.join(PEAK_BF16_TFLOPS)}); pass --peak-tflops.")
+
+
+def write_markdown_table(paths: list[str], output: str) -> None:
+    """One row per report and variant: step time, tokens/s, MFU, peak memory, and the plan's figure for ours."""
+    lines = [
+        "| model | L | batch | checkpointing | step | s/step | tokens/s | MFU | peak GiB | planned GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    machines = []
+    for path in paths:
+        with open(path) as file:
+            report = json.load(file)
+        machines.append(report["machine"])
+        for result in report["results"]:
+            for variant, name in (("ours", "RetroMAE"), ("mlm", "family MLM")):
+                row = result[variant]
+                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+                planned = f"{row['planned_gib']:.2f}" if row["planned_gib"] is not None else "-"
+                lines.append(
+                    f"| {report['family']} {report['size']} | {result['seq_length']} | {report['batch_size']} | "
+                    f"{'on' if report['gradient_checkpointing'] else 'off'} | {name} | {row['step_seconds']:.3f} | "
+                    f"{row['tokens_per_second']:,.0f} | {mfu} | {row['peak_gib']:.2f} | {planned} |"
+                )
+    lines.append(f"\n{'; '.join(sorted(set(machines)))}; {report['dtype']} autocast, MFU against {report['peak_tflops']} TFLOP/s.")
+    with open(output, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def plot_against_length(report: dict, path: str) -> None:
@@ -414,6 +498,12 @@ def print_length_table(report: dict) -> None:
             f"{r['seq_length']:<6} {r['ours']['peak_gib']:<9.2f} {r['mlm']['peak_gib']:<8.2f} {r['memory_ours_over_mlm']:<9.2f} "
             f"{r['ours']['step_seconds']:<8.2f} {r['mlm']['step_seconds']:<8.2f} {r['time_ours_over_mlm']:.2f}"
         )
+    print("\nretromae plan against the measured step (ours; peak minus the process's memory before the model was built):")
+    print("| L | measured GiB | planned GiB | error |")
+    print("|---|---|---|---|")
+    for r in report["results"]:
+        measured = r["ours"]["peak_gib"] - r["ours"]["baseline_gib"]
+        print(f"| {r['seq_length']} | {measured:.3f} | {r['ours']['planned_gib']:.3f} | {100 * (r['ours']['planned_gib'] / measured - 1):+.0f}% |")
 
 
 def print_table(report: dict) -> None:
@@ -437,7 +527,7 @@ def print_table(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=FAMILIES, default="bert", help="Encoder family (a random encoder of it). Default: bert.")
-    parser.add_argument("--size", choices=["smoke", "small", "base"], default="small", help="Model size. Default: small (4 x 256); smoke is 2 x 64.")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size. Default: small (4 x 256); smoke is 2 x 64.")
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[128, 512], help="Sequence lengths. Default: 128 512.")
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step. Default: 8.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps per variant (the median is reported). Default: 5.")
@@ -457,13 +547,32 @@ def main() -> None:
         help="Instead of the comparison above: peak memory and step time of ours and of the family's MLM against L, "
         "each in a process of its own, with a plot next to --output (e.g. --size smoke --batch-size 2 --lengths 512 1024 2048 4096 8192).",
     )
+    parser.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="The encoder's attention dropout. Default: the family's. 0 lets SDPA on CPU take its fused kernel, as a GPU's "
+        "kernels do with dropout; with dropout CPU SDPA falls back to the math kernel, which keeps (seq, seq) scores.",
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="With --lengths: recompute activations in backward (both variants).")
+    parser.add_argument("--vocab-size", type=int, help="With --lengths: the model's vocabulary (e.g. 250002 for XLM-R; ids come from --tokenizer). Default: the tokenizer's.")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="With --lengths: the device's peak bf16 TFLOP/s, for MFU. Default on CUDA: from the device's name (PEAK_BF16_TFLOPS).",
+    )
+    parser.add_argument("--markdown-table", nargs="+", metavar="JSON", help="Instead: the table of gpu.sh from --lengths reports, written to --output.")
     parser.add_argument("--one-process", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown_table:
+        write_markdown_table(args.markdown_table, args.output)
+        return
     if args.one_process or args.lengths:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
         if args.one_process:
             print(json.dumps(one_process_step(args, tokenizer)))
             return
+        if args.peak_tflops is None and args.device.startswith("cuda"):
+            args.peak_tflops = device_peak_tflops(torch.cuda.get_device_name(args.device))
         report = memory_against_length(args)
         with open(args.output, "w") as file:
             json.dump(report, file, indent=2)

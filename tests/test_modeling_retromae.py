@@ -10,7 +10,7 @@ from transformers import BertModel, Trainer, TrainingArguments
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel
+from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel, modeling_retromae
 
 from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
 
@@ -161,6 +161,22 @@ def test_flash_attention_is_refused_with_a_clear_error(tiny_config):
         RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="flash_attention_2")
 
 
+def test_the_encoder_takes_flex_attention_and_the_decoder_stays_on_sdpa(tiny_config, batch):
+    """The dict form gives the encoder its family's kernel; on CPU flex attention runs forward only (torch has no backward there)."""
+    sdpa = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="sdpa").eval()
+    flex = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation={"": "sdpa", "encoder": "flex_attention"}).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    assert (flex.encoder.config._attn_implementation, flex.decoder.config._attn_implementation) == ("flex_attention", "sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(flex(**batch).loss, sdpa(**batch).loss, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_loads_with_one_kernel_for_the_encoder_and_another_for_the_decoder(tiny_config, tmp_path):
+    RetroMAEForPreTraining(tiny_config).encoder.save_pretrained(tmp_path)
+    model = RetroMAEForPreTraining.from_pretrained(tmp_path, attn_implementation={"": "sdpa", "encoder": "eager"})
+    assert (model.encoder.config._attn_implementation, model.decoder.config._attn_implementation) == ("eager", "sdpa")
+
+
 def assert_same_loss_and_gradients(plain, other, batch, atol, other_forward=None):
     """`other`, run through `other_forward` (itself by default), gives `plain`'s loss and every gradient."""
     losses = []
@@ -231,6 +247,33 @@ def test_collated_text_of_different_lengths_trains_in_bf16(tiny_config, tokenize
     output = model(**batch)
     assert torch.isfinite(output.loss)
     output.loss.backward()
+
+
+def test_a_bf16_autocast_step_gives_the_float32_losses_and_gradients(tiny_config, batch, tokenizer, monkeypatch):
+    """
+    bf16 keeps 8 bits of mantissa (2**-9 relative rounding per operation); with the head's
+    logits and gradient sums and the decoder's shared keys and values in float32, a step's losses
+    agree with float32's to 1e-3 relative and every gradient to 5% of its norm. Key biases are
+    left out: their true gradient is zero (softmax ignores a constant added to a row's scores).
+    """
+    monkeypatch.setattr(modeling_retromae, "DECODER_BLOCK_SCORES", 4 * 4 * 64 * 8)  # 8 rows a block
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", 16 * len(tokenizer))  # 16 labelled rows a chunk
+    model = RetroMAEForPreTraining(tiny_config).train()
+    float32 = model(**batch)
+    float32.loss.backward()
+    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if not name.endswith("key.bias")}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(**batch)
+        key, value = model.decoder.layers[0].attention.self.keys_values(torch.randn(2, 5, tiny_config.encoder.hidden_size))
+    bf16.loss.backward()
+    assert key.dtype == value.dtype == torch.float32
+    for name in ("encoder_loss", "decoder_loss"):
+        assert getattr(bf16, name).item() == pytest.approx(getattr(float32, name).item(), rel=1e-3)
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            error = (parameter.grad - expected[name]).norm() / expected[name].norm()
+            assert error < 0.05, f"{name}: bf16 gradient off by {error:.3f} of its norm"
 
 
 def test_trainer_counts_the_flops_and_tokens_of_a_pretraining_batch(tiny_config, batch, tmp_path, no_transformers_warnings):

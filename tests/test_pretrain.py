@@ -202,7 +202,7 @@ def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
     assert AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True) is not None
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert", "plan"])
 def test_help_documents_every_option(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -234,6 +234,44 @@ def test_bad_input_fails_with_a_clear_message_and_writes_nothing(tmp_path, capsy
     assert not output_dir.exists()
 
 
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention"])
+def test_an_attention_kernel_the_family_lacks_is_refused(tmp_path, corpus, capsys, kernel):
+    deberta = tmp_path / "deberta"
+    write_config(deberta, {"model_type": "deberta-v2"})
+    args = ["pretrain", "--model", str(deberta), "--train-data", str(corpus), "--output-dir", str(tmp_path / "o"), "--attn-implementation", kernel]
+    assert main(args) == 2
+    assert f"--attn-implementation {kernel}: the deberta-v2 family's transformers model takes only eager." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kernel, cuda, package, message",
+    [
+        ("flash_attention_2", False, "flash_attn", "--attn-implementation flash_attention_2 needs a CUDA device, and this machine has none"),
+        ("flash_attention_2", True, None, "--attn-implementation flash_attention_2 needs the flash-attn package"),
+        ("flex_attention", False, None, "--attn-implementation flex_attention needs a CUDA device, and this machine has none"),
+        ("flex_attention", True, None, "flex attention has no dropout, and the encoder's attention_probs_dropout_prob is 0.1"),
+    ],
+)
+def test_a_kernel_this_machine_cannot_run_is_refused_before_training(corpus, tmp_path, capsys, monkeypatch, kernel, cuda, package, message):
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: cuda)
+    find_spec = pretrain.importlib.util.find_spec
+    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: package if name == "flash_attn" else find_spec(name, *rest))
+    assert main(tiny_run(corpus, tmp_path / "o", "--attn-implementation", kernel)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_flash_and_flex_attention_leave_the_decoder_on_sdpa(monkeypatch):
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
+    find_spec = pretrain.importlib.util.find_spec
+    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: name if name == "flash_attn" else find_spec(name, *rest))
+    encoder = {"model_type": "modernbert", "attention_dropout": 0.0}
+    for kernel in ("flash_attention_2", "flex_attention"):
+        assert pretrain.attention_implementations(kernel, encoder) == {"": "sdpa", "encoder": kernel}
+    assert pretrain.attention_implementations("eager", encoder) == {"": "eager", "encoder": "eager"}
+    assert pretrain.attention_implementations("sdpa", {"model_type": "deberta-v2"}) == {"": "eager", "encoder": "eager"}
+
+
 def test_model_that_is_not_a_checkpoint_is_refused(tmp_path, corpus, capsys):
     not_a_model = tmp_path / "folder"
     not_a_model.mkdir()
@@ -254,3 +292,8 @@ def test_output_dir_holding_another_model_is_not_overwritten(tmp_path, corpus, c
 def write(path, text):
     path.write_text(text)
     return path
+
+
+def write_config(folder, config):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
