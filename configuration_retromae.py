@@ -80,6 +80,10 @@ class RetroMAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_retromae_fields()
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The encoder's config: it holds the vocabulary and embeddings that transformers reads through this (`vocab_size` when resizing)."""
+        return self.encoder.get_text_config(decoder=decoder, encoder=encoder)
+
     def _check_retromae_fields(self):
         """Raise `ValueError` naming the field when a setting cannot describe a RetroMAE model."""
         for field in ("encoder_mask_ratio", "decoder_mask_ratio"):

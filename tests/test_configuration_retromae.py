@@ -61,3 +61,11 @@ def test_a_config_of_an_earlier_version_reads_as_a_bert_encoder(tmp_path):
     config = RetroMAEConfig.from_pretrained(tmp_path)
     assert isinstance(config.encoder, BertConfig)
     assert (config.encoder.num_hidden_layers, config.encoder.hidden_size, config.decoder_mask_ratio) == (3, 96, 0.6)
+
+
+@pytest.mark.parametrize("encoder", [BertConfig(vocab_size=321), RobertaConfig(vocab_size=321)])
+def test_text_config_is_the_encoders(encoder):
+    """transformers reads the vocabulary (`vocab_size` when resizing, `tie_word_embeddings`) through `get_text_config()`."""
+    config = RetroMAEConfig(encoder=encoder)
+    assert config.get_text_config() is config.encoder
+    assert config.get_text_config(decoder=True).vocab_size == 321
