@@ -36,6 +36,7 @@ pooling), with this code as an opt-in. This file is Hub remote code: it imports 
 transformers and the configuration next to it.
 """
 
+import copy
 import json
 import os
 import re
@@ -321,6 +322,21 @@ def builds_pooler(model_type: str) -> bool:
     return "add_pooling_layer" in MODEL_MAPPING[CONFIG_MAPPING[model_type]].__init__.__code__.co_varnames
 
 
+def family_config(config: PreTrainedConfig, model_type: str) -> PreTrainedConfig:
+    """
+    The config a released encoder class of `model_type` is built from: the family's own as it is,
+    or a `RetroMAEConfig`'s encoder carrying RetroMAE's settings (as earlier versions built encoders).
+    """
+    if not isinstance(config, RetroMAEConfig):
+        return config
+    if config.encoder.model_type != model_type:
+        raise ValueError(f"This class is a {model_type!r} encoder; the RetroMAEConfig describes a {config.encoder.model_type!r} one.")
+    encoder = copy.deepcopy(config.encoder)
+    for name in RETROMAE_FIELDS:
+        setattr(encoder, name, getattr(config, name))
+    return encoder
+
+
 def released_encoder_classes(model_type: str) -> tuple[type, type]:
     """
     The two encoder classes of one family that `trust_remote_code=True` resolves to.
@@ -339,7 +355,11 @@ def released_encoder_classes(model_type: str) -> tuple[type, type]:
     takes_pooler_flag = builds_pooler(model_type)
 
     def without_pooler(self, config, **kwargs):
+        config = family_config(config, model_type)
         base_class.__init__(self, config, **({"add_pooling_layer": False} if takes_pooler_flag else {}), **kwargs)
+
+    def with_mlm_head(self, config, **kwargs):
+        masked_lm_class.__init__(self, family_config(config, model_type), **kwargs)
 
     model = type(names[0], (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
         "__init__": without_pooler,
@@ -349,6 +369,7 @@ def released_encoder_classes(model_type: str) -> tuple[type, type]:
         "_keys_to_ignore_on_load_unexpected": [rf"^(?!{base_class.base_model_prefix}\.)", r"pooler\."],
     })
     masked_lm = type(names[1], (RetroMAEReleasedEncoder, masked_lm_class), {
+        "__init__": with_mlm_head,
         "__doc__": f"The RetroMAE encoder with its MLM head: a {masked_lm_class.__name__}, the layout of a release.",
         "__module__": __name__,
         "family_architecture": masked_lm_class.__name__,

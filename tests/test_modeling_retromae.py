@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertModel, Trainer, TrainingArguments
+from transformers import BertModel, RobertaConfig, Trainer, TrainingArguments
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel
+from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining, RetroMAEModel
+from retromae.configuration_retromae import RETROMAE_FIELDS
 
 from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
 
@@ -250,3 +251,19 @@ def test_encoder_forward_takes_transformers_typed_keyword_arguments(tiny_config,
     model.set_attn_implementation("eager")
     output = model(batch["decoder_input_ids"], output_attentions=True, output_hidden_states=True)
     assert len(output.attentions) == len(output.hidden_states) - 1 == tiny_config.encoder.num_hidden_layers
+
+
+def test_encoder_classes_are_built_from_a_retromae_config_as_in_earlier_versions(tiny_config, batch):
+    """`RetroMAEModel(RetroMAEConfig(vocab_size=...))` builds the BERT encoder the config describes, with RetroMAE's settings."""
+    for encoder_class in (RetroMAEModel, RetroMAEForMaskedLM):
+        model = encoder_class(tiny_config).eval()
+        assert model.config.to_dict() | {"architectures": None} == tiny_config.encoder.to_dict() | {"architectures": None} | {
+            name: getattr(tiny_config, name) for name in RETROMAE_FIELDS
+        }
+        assert model(batch["decoder_input_ids"]) is not None
+
+
+def test_an_encoder_class_refuses_a_retromae_config_of_another_family():
+    config = RetroMAEConfig(encoder=RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="'bert' encoder; the RetroMAEConfig describes a 'roberta' one"):
+        RetroMAEModel(config)
