@@ -738,8 +738,15 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def get_input_embeddings(self):
         return self.encoder.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Module):
+        """Give the encoder new word embeddings (`resize_token_embeddings`); its MLM head, shared by the decoder, stays tied to them."""
+        self.encoder.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.encoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.encoder.set_output_embeddings(value)
 
     def released_encoder(self, with_mlm_head: bool = True, weights: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
         """

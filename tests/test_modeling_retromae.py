@@ -267,3 +267,16 @@ def test_an_encoder_class_refuses_a_retromae_config_of_another_family():
     config = RetroMAEConfig(encoder=RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="'bert' encoder; the RetroMAEConfig describes a 'roberta' one"):
         RetroMAEModel(config)
+
+
+def test_resizing_the_vocabulary_keeps_the_mlm_head_tied_to_the_embeddings(tiny_config, batch):
+    """Domain tokens added before pre-training: `resize_token_embeddings` grows the encoder, and the shared head reads the new rows."""
+    model = RetroMAEForPreTraining(tiny_config)
+    new_token = len(model.get_input_embeddings().weight)
+    embeddings = model.resize_token_embeddings(new_token + 2)
+    weight, bias = model.family.head_output(model.encoder)
+    assert weight is embeddings.weight and weight.shape[0] == len(bias) == model.config.encoder.vocab_size == new_token + 2
+    batch = batch | {"decoder_input_ids": batch["decoder_input_ids"].clone(), "decoder_labels": batch["decoder_labels"].clone()}
+    batch["decoder_input_ids"][0, 1] = batch["decoder_labels"][0, 1] = new_token
+    model(**batch).loss.backward()
+    assert embeddings.weight.grad[new_token].abs().sum() > 0
