@@ -37,6 +37,7 @@ transformers and the configuration next to it.
 """
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -306,6 +307,7 @@ class RetroMAESentenceEmbedding:
     """The family's base model, returning the sentence embedding: the final first-token state (paper §3.2)."""
 
     def forward(self, *args, **kwargs: Unpack[TransformersKwargs]) -> RetroMAEModelOutput:
+        """The family's base model's outputs, and the sentence embedding: the final state at the first token."""
         outputs = super().forward(*args, **(kwargs | {"return_dict": True}))
         if kwargs.get("return_dict") is False:
             return (outputs.last_hidden_state, outputs.last_hidden_state[:, 0])
@@ -361,8 +363,16 @@ def released_encoder_classes(model_type: str) -> tuple[type, type]:
     def with_mlm_head(self, config, **kwargs):
         masked_lm_class.__init__(self, family_config(config, model_type), **kwargs)
 
+    def forward(self, *args, **kwargs):
+        return RetroMAESentenceEmbedding.forward(self, *args, **kwargs)
+
+    # The family's signature, which transformers reads: `main_input_name`, the Trainer's `remove_unused_columns`.
+    forward.__signature__ = inspect.signature(base_class.forward).replace(return_annotation=RetroMAEModelOutput)
+    forward.__doc__ = RetroMAESentenceEmbedding.forward.__doc__
+
     model = type(names[0], (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
         "__init__": without_pooler,
+        "forward": forward,
         "__doc__": f"The RetroMAE encoder of a {base_class.__name__}: no pooler, returns the sentence embedding.",
         "__module__": __name__,
         "family_architecture": base_class.__name__,

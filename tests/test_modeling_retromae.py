@@ -6,14 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import datasets
 from transformers import BertModel, RobertaConfig, Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining, RetroMAEModel
 from retromae.configuration_retromae import RETROMAE_FIELDS
+from retromae.modeling_retromae import RELEASED_ENCODERS
 
 from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
+from families import FAMILIES, VOCAB_SIZE, tiny_config as family_config
 
 
 def layer_norm(x, module):
@@ -280,3 +284,23 @@ def test_resizing_the_vocabulary_keeps_the_mlm_head_tied_to_the_embeddings(tiny_
     batch["decoder_input_ids"][0, 1] = batch["decoder_labels"][0, 1] = new_token
     model(**batch).loss.backward()
     assert embeddings.weight.grad[new_token].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_forward_has_the_familys_signature_which_transformers_reads(family, tmp_path):
+    """`main_input_name` checks, `inputs_embeds` and the Trainer's `remove_unused_columns` read `forward`'s signature."""
+    config = family_config(family, VOCAB_SIZE)
+    model = RELEASED_ENCODERS[family][0](config).eval()
+    family_forward = inspect.signature(MODEL_MAPPING[type(config)].forward)
+    assert list(inspect.signature(model.forward).parameters)[0] == model.main_input_name == "input_ids"
+    assert inspect.signature(type(model).forward).parameters == family_forward.parameters
+
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    with torch.no_grad():
+        from_embeddings = model(inputs_embeds=model.get_input_embeddings()(ids)).sentence_embedding
+        torch.testing.assert_close(from_embeddings, model(ids).sentence_embedding)
+
+    rows = datasets.Dataset.from_dict({"input_ids": ids.tolist() * 2, "attention_mask": [[1] * 5] * 2, "text": ["a", "b"]})
+    arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    loaded = next(iter(Trainer(model=model, args=arguments, train_dataset=rows).get_train_dataloader()))
+    assert set(loaded) == {"input_ids", "attention_mask"}
