@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .configuration_retromae import RetroMAEConfig
 from .modeling_retromae import WholeWordDraw
 
 
@@ -101,6 +102,12 @@ class RetroMAECollator:
         self.is_special = vocabulary_flags(special_token_ids(tokenizer), self.vocab_size)
         self.is_unknown = vocabulary_flags([tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else [], self.vocab_size)
         self.starts_word = word_start_flags(tokenizer, self.vocab_size)
+
+    @classmethod
+    def from_config(cls, config: RetroMAEConfig, tokenizer: PreTrainedTokenizerBase, **kwargs) -> "RetroMAECollator":
+        """The collator of the model `config` describes: its mask ratios and enhanced decoding; `kwargs` as for `__init__`."""
+        settings = {name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "enhanced_decoding")}
+        return cls(tokenizer, **settings, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new masks for a new pass over the data (as a sampler's `set_epoch` reshuffles)."""

@@ -811,10 +811,11 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
 
         description = (decoder_word_ids, decoder_mask_seeds, decoder_mask_budget, decoder_row_patterns)
-        if self.config.enhanced_decoding and decoder_word_ids is None:
+        if self.config.enhanced_decoding != (decoder_word_ids is not None):
             raise ValueError(
-                f"Enhanced decoding needs the mask's description: {', '.join(EnhancedDecodingMask.DESCRIPTION)}, "
-                "as RetroMAECollator makes them."
+                f"The batch {'describes no' if decoder_word_ids is None else 'describes an'} enhanced-decoding mask "
+                f"({', '.join(EnhancedDecodingMask.DESCRIPTION)}), and the config has enhanced_decoding="
+                f"{self.config.enhanced_decoding}: build the collator with RetroMAECollator.from_config(model.config, tokenizer)."
             )
         mask = EnhancedDecodingMask(encoder_attention_mask, *(description if self.config.enhanced_decoding else ()))
         decoded = self.decode(sentence_embedding, decoder_input_ids, mask)

@@ -211,14 +211,8 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     if args.resume:
         check_resumable(resume_checkpoint(args), model)
     dataset, records = training_passages(args, source, tokenizer)
-    collator = RetroMAECollator(
-        tokenizer,
-        args.encoder_mask_ratio,
-        args.decoder_mask_ratio,
-        max_length=args.max_length,
-        seed=args.seed,
-        enhanced_decoding=args.enhanced_decoding,
-        decoder_mask_patterns=args.decoder_mask_patterns,
+    collator = RetroMAECollator.from_config(
+        model.config, tokenizer, max_length=args.max_length, seed=args.seed, decoder_mask_patterns=args.decoder_mask_patterns
     )
     interrupt = StopOnInterrupt()
     arguments = training_arguments(args, model)

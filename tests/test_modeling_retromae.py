@@ -304,3 +304,20 @@ def test_encoder_forward_has_the_familys_signature_which_transformers_reads(fami
     arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", per_device_train_batch_size=2)
     loaded = next(iter(Trainer(model=model, args=arguments, train_dataset=rows).get_train_dataloader()))
     assert set(loaded) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("model_enhanced, collator_enhanced", [(False, True), (True, False)])
+def test_a_batch_and_a_config_that_disagree_on_enhanced_decoding_are_refused(tiny_config, tokenizer, model_enhanced, collator_enhanced):
+    """An ablation model fed enhanced-decoding batches would learn to copy its unmasked input, in silence."""
+    tiny_config.enhanced_decoding = model_enhanced
+    batch = RetroMAECollator(tokenizer, max_length=32, seed=0, enhanced_decoding=collator_enhanced)(TEXTS[:2])
+    with pytest.raises(ValueError, match=rf"config has enhanced_decoding={model_enhanced}: build the collator with RetroMAECollator.from_config"):
+        RetroMAEForPreTraining(tiny_config)(**batch)
+
+
+@pytest.mark.parametrize("enhanced_decoding", [True, False], ids=["enhanced-decoding", "ablation"])
+def test_a_collator_from_the_config_makes_the_batches_its_model_reads(tiny_config, tokenizer, enhanced_decoding):
+    tiny_config.enhanced_decoding, tiny_config.encoder_mask_ratio, tiny_config.decoder_mask_ratio = enhanced_decoding, 0.2, 0.6
+    collator = RetroMAECollator.from_config(tiny_config, tokenizer, max_length=32, seed=0)
+    assert (collator.encoder_mask_ratio, collator.decoder_mask_ratio, collator.enhanced_decoding) == (0.2, 0.6, enhanced_decoding)
+    assert torch.isfinite(RetroMAEForPreTraining(tiny_config)(**collator(TEXTS[:2])).loss)
