@@ -330,7 +330,10 @@ def csv_records(file: Path, column: str) -> Iterator[tuple[str, object]]:
             if column not in (rows.fieldnames or []):
                 raise CorpusError(f"{file} has no column {column!r} (its columns: {', '.join(rows.fieldnames or [])}); pass --text-column.")
             for row in rows:
-                yield f"{file}:{rows.line_num}", row[column] or None
+                if None in row:  # more fields than the header names: `datasets`' reader stops at them
+                    yield f"{file}:{rows.line_num}", BadRecord(f"has {len(rows.fieldnames) + len(row[None])} fields; the header has {len(rows.fieldnames)}.")
+                else:
+                    yield f"{file}:{rows.line_num}", row[column] or None
         except UnicodeDecodeError:
             yield f"{file}:{rows.line_num + 1}", BadRecord("is not UTF-8 text.")
 
