@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         parents=[common],
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
-        description="Embed a BEIR-format folder's corpus and queries with a model and report nDCG@10, MRR@10 and "
-        "Recall@100 (sentence-transformers' InformationRetrievalEvaluator), printed and written as JSON. Any "
+        description="Embed a BEIR-format folder's corpus and queries with a model, rank the documents by the model's "
+        "similarity and report nDCG@10, MRR@10 and Recall@100 (trec_eval's, through pytrec_eval), printed and written as JSON. Any "
         "SentenceTransformer-loadable model works, so a RetroMAE model and a baseline compare with the same command; "
         "a bare encoder or RetroMAE folder is embedded by its first-token state.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

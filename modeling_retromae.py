@@ -71,8 +71,7 @@ from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_con
 IGNORE_INDEX = -100
 # The keyword arguments of `from_pretrained` that say where a checkpoint's config.json is found.
 HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# sentence-transformers' files for first-token pooling, in the format every version of it reads
-# (and text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
+# sentence-transformers' files for first-token pooling, in the format every version of it reads.
 SENTENCE_TRANSFORMERS_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

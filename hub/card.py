@@ -163,7 +163,8 @@ def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
     note = (
         "\n\nThe sparse embedding ranked by dot product, scored by trec_eval (`retromae evaluate --sparse`)."
         if sparse
-        else "\n\nThe first-token embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+        else "\n\nThe first-token embedding ranks each query's documents by the model's similarity; trec_eval scores "
+        "the ranking (through `pytrec_eval`), as BEIR and MTEB do (`retromae evaluate`)."
     )
     return "\n".join(header + rows) + note
 
