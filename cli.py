@@ -14,12 +14,14 @@ from .hub import ReleaseError, convert, convert_sparse, export_plain, release
 from .hub.card import TEMPLATE
 
 
+# The encoder families, as the help names them (`ENCODER_FAMILIES` by model type).
+FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retromae",
-        description="RetroMAE: retrieval-oriented pre-training of masked-LM encoders (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v3, DistilBERT, ELECTRA) (Xiao et al., EMNLP 2022).",
+        description=f"RetroMAE: retrieval-oriented pre-training of masked-LM encoders ({FAMILIES}) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         parents=[common],
         help="pre-train or domain-adapt an encoder with RetroMAE",
-        description="Pre-train a masked-LM encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA) with RetroMAE on the transformers Trainer, then release the encoder "
+        description=f"Pre-train a masked-LM encoder ({FAMILIES}) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
         "runs the embedded demo: all-MiniLM-L6-v2 on an English Wikipedia excerpt, a few minutes on 2 CPU cores. "
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",

@@ -2,11 +2,12 @@
 
 The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
 the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced
-BERT-style; every row of the enhanced-decoding mask draws its own aggressive pattern and hides
-its own position. [UNK] stands for text the vocabulary cannot spell, so it is not special here:
-as in the authors' code the decoder rebuilds it and its patterns may hide it, and only the
-encoder's masking leaves it as it is (transformers' collator, which the authors' code uses,
-never masks a special id). A passage of nothing but [UNK] thus still trains the decoder.
+BERT-style; every row of the enhanced-decoding mask hides an aggressive whole-word pattern and its
+own position: a pattern of its own up to `decoder_mask_patterns` tokens, one of a pool of that many
+patterns per example beyond. [UNK] stands for text the vocabulary cannot spell, so it is not
+special here: as in the authors' code the decoder rebuilds it and its patterns may hide it, and
+only the encoder's masking leaves it as it is (transformers' collator, which the authors' code
+uses, never masks a special id). A passage of nothing but [UNK] thus still trains the decoder.
 
 The collator draws the encoder's masking and describes the decoder's mask (the words, a seed per
 example, the share to hide); the model draws that mask on its own device, a block of rows at a

@@ -40,8 +40,9 @@ class RetroMAEConfig(PreTrainedConfig):
             Share of the (non-special) tokens the encoder sees masked, chosen as whole words and
             replaced BERT-style (80% mask token, 10% random, 10% unchanged). Paper range 0.15-0.30.
         decoder_mask_ratio (`float`, *optional*, defaults to 0.50):
-            Share of the tokens hidden from each row of the enhanced-decoding attention mask
-            (whole words, drawn afresh for every row). Paper range 0.50-0.70.
+            Share of the tokens hidden from each row of the enhanced-decoding attention mask (whole
+            words; each row has a pattern of its own up to `decoder_mask_patterns` tokens, and beyond
+            them rows share a pool of that many patterns per example). Paper range 0.50-0.70.
         num_decoder_layers (`int`, *optional*, defaults to 1):
             Transformer layers in the decoder. The paper uses one: a weak decoder forces the
             sentence embedding to carry the information.

@@ -610,7 +610,7 @@ class RetroMAEDecoder(nn.Module):
     instead of kept.
     """
 
-    gradient_checkpointing = False  # set by `gradient_checkpointing_enable`
+    gradient_checkpointing = False  # set by `activation_checkpointing_enable` (the Trainer's `activation_checkpointing`)
 
     def __init__(self, config: BertConfig, num_layers: int, rotary_base: float | None = None):
         super().__init__()
