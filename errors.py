@@ -17,6 +17,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from .configuration_retromae import setting_problem
+
 
 class UsageError(ValueError):
     """A bad command-line input; the message says which and what is allowed."""
@@ -36,6 +38,20 @@ def at_least(minimum: float, kind: type = int):
         return value
 
     parse.__name__ = kind.__name__  # argparse names the kind in "invalid int value"
+    return parse
+
+
+def retromae_setting(name: str, kind: type):
+    """An argparse type for one of RetroMAE's settings, checked by `RetroMAEConfig`'s own rule for `name`."""
+
+    def parse(text: str):
+        value = kind(text)
+        problem = setting_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
     return parse
 
 
