@@ -26,10 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .configuration_retromae import RetroMAEConfig, check_settings
-from .modeling_retromae import WholeWordDraw
-
-
-IGNORE_INDEX = -100
+from .modeling_retromae import IGNORE_INDEX, WholeWordDraw
 
 
 class RetroMAECollator:
