@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
+from .hub.card import CITATION
 from .model_folder import quiet_loading
 from .modeling_retromae import EnhancedDecodingMask, RetroMAEForPreTraining, encoder_family, max_tokens
 
@@ -105,15 +106,8 @@ class RetroMAELoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return """
-@inproceedings{xiao2022retromae,
-    title = "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
-    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
-    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
-    year = "2022",
-    url = "https://arxiv.org/abs/2205.12035",
-}
-"""
+        """The paper, for the model card sentence-transformers writes."""
+        return CITATION
 
     def get_config_dict(self) -> dict:
         config = self.retromae.config
