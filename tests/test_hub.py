@@ -21,7 +21,10 @@ from transformers import AutoModel, BertForMaskedLM, BertModel
 from retromae import RetroMAEForPreTraining
 from retromae import evaluate as evaluate_module
 from retromae.cli import main
+from retromae.corpus import resolve_corpus
 from retromae.hub import CardError, ReleaseError, convert, export_plain, model_card, release
+from retromae.errors import is_hub_id
+from retromae.model_folder import public_name
 from retromae.pretrain import release_encoder
 
 from conftest import MINILM_PATH, TEXTS, place_in_hub_cache
@@ -345,3 +348,14 @@ def test_the_card_says_where_its_figures_come_from_and_names_only_tested_tools(m
     task = evaluate_module.RetrievalTask(corpus={"d1": "a", "d2": "b"}, queries={"q1": "x", "q2": "y"}, relevant={"q1": {"d1": 1}, "q2": {"d2": 2}})
     figures = evaluate_module.evaluate(None, task)
     assert scored and figures["mrr@10"] == pytest.approx((1 + 1 / 2) / 2) and figures["recall@100"] == 1.0
+
+
+def test_one_test_says_what_is_a_hub_id_for_models_corpora_and_the_card(tmp_path):
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "local").mkdir()
+    assert is_hub_id("org/name") and is_hub_id("bert-base-uncased")
+    assert not any(is_hub_id(name) for name in ("fresh tiny BERT", "a/b/c", "./x", str(tmp_path / "org" / "local")))
+    assert [public_name(name) for name in ("org/name", str(tmp_path / "org" / "local"))] == ["org/name", "local"]
+    assert resolve_corpus("wikimedia/wikipedia").hub_id == "wikimedia/wikipedia"
+    assert model_card("org/x", {"base_model": str(tmp_path / "org" / "local")}).data.base_model is None
+    assert model_card("org/x", {"base_model": "org/base"}).data.base_model == "org/base"
