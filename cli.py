@@ -14,12 +14,14 @@ from .hub import ReleaseError, convert, convert_sparse, export_plain, release
 from .hub.card import TEMPLATE
 
 
+# The encoder families, as the help names them (`ENCODER_FAMILIES` by model type).
+FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retromae",
-        description="RetroMAE: retrieval-oriented pre-training of masked-LM encoders (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v3, DistilBERT, ELECTRA) (Xiao et al., EMNLP 2022).",
+        description=f"RetroMAE: retrieval-oriented pre-training of masked-LM encoders ({FAMILIES}) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         parents=[common],
         help="pre-train or domain-adapt an encoder with RetroMAE",
-        description="Pre-train a masked-LM encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA) with RetroMAE on the transformers Trainer, then release the encoder "
+        description=f"Pre-train a masked-LM encoder ({FAMILIES}) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
         "runs the embedded demo: all-MiniLM-L6-v2 on an English Wikipedia excerpt, a few minutes on 2 CPU cores. "
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",
@@ -54,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         parents=[common],
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
-        description="Embed a BEIR-format folder's corpus and queries with a model and report nDCG@10, MRR@10 and "
-        "Recall@100 (sentence-transformers' InformationRetrievalEvaluator), printed and written as JSON. Any "
+        description="Embed a BEIR-format folder's corpus and queries with a model, rank the documents by the model's "
+        "similarity and report nDCG@10, MRR@10 and Recall@100 (trec_eval's, through pytrec_eval), printed and written as JSON. Any "
         "SentenceTransformer-loadable model works, so a RetroMAE model and a baseline compare with the same command; "
         "a bare encoder or RetroMAE folder is embedded by its first-token state.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -2,11 +2,12 @@
 
 The masking follows the paper (§3.2-3.3) and the authors' code: whole words are masked, never
 the special tokens ([CLS]/<s>, [SEP]/</s>) or padding; the encoder's chosen tokens are replaced
-BERT-style; every row of the enhanced-decoding mask draws its own aggressive pattern and hides
-its own position. [UNK] stands for text the vocabulary cannot spell, so it is not special here:
-as in the authors' code the decoder rebuilds it and its patterns may hide it, and only the
-encoder's masking leaves it as it is (transformers' collator, which the authors' code uses,
-never masks a special id). A passage of nothing but [UNK] thus still trains the decoder.
+BERT-style; every row of the enhanced-decoding mask hides an aggressive whole-word pattern and its
+own position: a pattern of its own up to `decoder_mask_patterns` tokens, one of a pool of that many
+patterns per example beyond. [UNK] stands for text the vocabulary cannot spell, so it is not
+special here: as in the authors' code the decoder rebuilds it and its patterns may hide it, and
+only the encoder's masking leaves it as it is (transformers' collator, which the authors' code
+uses, never masks a special id). A passage of nothing but [UNK] thus still trains the decoder.
 
 The collator draws the encoder's masking and describes the decoder's mask (the words, a seed per
 example, the share to hide); the model draws that mask on its own device, a block of rows at a
@@ -24,10 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .modeling_retromae import WholeWordDraw
-
-
-IGNORE_INDEX = -100
+from .configuration_retromae import RetroMAEConfig, check_settings
+from .modeling_retromae import IGNORE_INDEX, WholeWordDraw
 
 
 class RetroMAECollator:
@@ -38,18 +37,15 @@ class RetroMAECollator:
         tokenizer: the encoder's tokenizer, with a first token ([CLS] or <s>), a separator and a
             mask token. Words are read from its vocabulary (see `word_start_flags`): WordPiece
             marks continuations (`##`), byte-level BPE (`Ġ`) and SentencePiece (`▁`) mark word starts.
-        encoder_mask_ratio: share of each sequence's non-special tokens masked for the encoder.
-        decoder_mask_ratio: share hidden from each row of the enhanced-decoding mask.
+        encoder_mask_ratio, decoder_mask_ratio, enhanced_decoding, decoder_mask_patterns: RetroMAE's
+            settings, as `RetroMAEConfig` documents, defaults and checks them; `from_config` takes
+            them from the model's config.
         max_length: sequences are truncated to this many tokens, [CLS] and [SEP] included.
         seed: makes masking reproducible: each batch's masks are drawn from a generator seeded
             by (seed, epoch, the batch's token ids). `None` draws from torch's global generator.
-        decoder_mask_patterns: whole-word patterns drawn per example for the enhanced-decoding
-            mask. Up to this many tokens every row has its own; in longer sequences each row takes
-            one of them at random, as the authors' code does (with 256). Either way each row's
-            pattern is a whole-word draw at `decoder_mask_ratio`.
-        enhanced_decoding: `False` builds the decoder inputs of the paper's ablation (see
-            `RetroMAEConfig.enhanced_decoding`): one copy masked at `decoder_mask_ratio` like the
-            encoder's, labels at its masked tokens, and a mask that hides only padding.
+
+    Without enhanced decoding (the paper's ablation) the decoder's input is one copy masked at
+    `decoder_mask_ratio` like the encoder's, with labels at its masked tokens.
 
     An example is a string, a dict with a `text` string or `input_ids`, or a sequence of token
     ids; token ids get [CLS] and [SEP] added when they do not already start and end with them.
@@ -73,18 +69,14 @@ class RetroMAECollator:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        encoder_mask_ratio: float = 0.30,
-        decoder_mask_ratio: float = 0.50,
+        encoder_mask_ratio: float = RetroMAEConfig.encoder_mask_ratio,
+        decoder_mask_ratio: float = RetroMAEConfig.decoder_mask_ratio,
         max_length: int = 512,
         seed: int | None = None,
-        enhanced_decoding: bool = True,
-        decoder_mask_patterns: int = 256,
+        enhanced_decoding: bool = RetroMAEConfig.enhanced_decoding,
+        decoder_mask_patterns: int = RetroMAEConfig.decoder_mask_patterns,
     ):
-        for name, ratio in (("encoder_mask_ratio", encoder_mask_ratio), ("decoder_mask_ratio", decoder_mask_ratio)):
-            if not 0.0 < ratio < 1.0:
-                raise ValueError(f"{name} must lie strictly between 0 and 1, got {ratio!r}.")
-        if decoder_mask_patterns < 1:
-            raise ValueError(f"decoder_mask_patterns must be at least 1, got {decoder_mask_patterns!r}.")
+        check_settings(encoder_mask_ratio=encoder_mask_ratio, decoder_mask_ratio=decoder_mask_ratio, decoder_mask_patterns=decoder_mask_patterns)
         if max_length < 3:
             raise ValueError(f"max_length must leave room for [CLS], a token and [SEP], got {max_length!r}.")
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
@@ -101,6 +93,12 @@ class RetroMAECollator:
         self.is_special = vocabulary_flags(special_token_ids(tokenizer), self.vocab_size)
         self.is_unknown = vocabulary_flags([tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else [], self.vocab_size)
         self.starts_word = word_start_flags(tokenizer, self.vocab_size)
+
+    @classmethod
+    def from_config(cls, config: RetroMAEConfig, tokenizer: PreTrainedTokenizerBase, **kwargs) -> "RetroMAECollator":
+        """The collator of the model `config` describes: its mask ratios, enhanced decoding and patterns; `kwargs` as for `__init__`."""
+        settings = {name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "enhanced_decoding", "decoder_mask_patterns")}
+        return cls(tokenizer, **settings, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new masks for a new pass over the data (as a sampler's `set_epoch` reshuffles)."""

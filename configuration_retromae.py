@@ -19,7 +19,28 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_retromae.RetroMAECheckpointMaskedLM",
     "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
 }
-RETROMAE_FIELDS = ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding")
+RETROMAE_FIELDS = ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding", "decoder_mask_patterns")
+# What each numeric setting allows, in words and as a test; the config, the collator and the CLI all check with it.
+SETTING_RULES = {
+    "encoder_mask_ratio": ("must lie strictly between 0 and 1", lambda value: 0.0 < value < 1.0),
+    "decoder_mask_ratio": ("must lie strictly between 0 and 1", lambda value: 0.0 < value < 1.0),
+    "num_decoder_layers": ("must be at least 1", lambda value: value >= 1),
+    "decoder_mask_patterns": ("must be at least 1", lambda value: value >= 1),
+}
+
+
+def setting_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for RetroMAE's setting `name` ("must ..., got ..."), or `None` where it is allowed."""
+    rule, allowed = SETTING_RULES[name]
+    return None if allowed(value) else f"{rule}, got {value!r}"
+
+
+def check_settings(**settings) -> None:
+    """Raise `ValueError` naming the first of RetroMAE's `settings` whose value is not allowed."""
+    for name, value in settings.items():
+        problem = setting_problem(name, value)
+        if problem:
+            raise ValueError(f"{name} {problem}.")
 
 
 @strict
@@ -40,8 +61,9 @@ class RetroMAEConfig(PreTrainedConfig):
             Share of the (non-special) tokens the encoder sees masked, chosen as whole words and
             replaced BERT-style (80% mask token, 10% random, 10% unchanged). Paper range 0.15-0.30.
         decoder_mask_ratio (`float`, *optional*, defaults to 0.50):
-            Share of the tokens hidden from each row of the enhanced-decoding attention mask
-            (whole words, drawn afresh for every row). Paper range 0.50-0.70.
+            Share of the tokens hidden from each row of the enhanced-decoding attention mask (whole
+            words; each row has a pattern of its own up to `decoder_mask_patterns` tokens, and beyond
+            them rows share a pool of that many patterns per example). Paper range 0.50-0.70.
         num_decoder_layers (`int`, *optional*, defaults to 1):
             Transformer layers in the decoder. The paper uses one: a weak decoder forces the
             sentence embedding to carry the information.
@@ -49,7 +71,12 @@ class RetroMAEConfig(PreTrainedConfig):
             Decode with two streams and the position-specific attention mask (paper §3.3). `False`
             is the paper's ablation: the decoder reads its aggressively masked copy of the input,
             the first token replaced by the sentence embedding, with ordinary self-attention, and
-            predicts the masked tokens only. The collator must be built with the same setting.
+            predicts the masked tokens only. The collator must be built with the same setting
+            (`RetroMAECollator.from_config`).
+        decoder_mask_patterns (`int`, *optional*, defaults to 256):
+            Whole-word patterns the collator draws per example for the enhanced-decoding mask: every
+            row has its own up to this many tokens; in longer sequences each row takes one of them
+            at random, as the authors' code does (with 256).
 
     Example:
 
@@ -70,6 +97,7 @@ class RetroMAEConfig(PreTrainedConfig):
     decoder_mask_ratio: float = 0.50
     num_decoder_layers: int = 1
     enhanced_decoding: bool = True
+    decoder_mask_patterns: int = 256
 
     def __post_init__(self, **kwargs):
         if self.encoder is None:
@@ -80,14 +108,13 @@ class RetroMAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_retromae_fields()
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The encoder's config: it holds the vocabulary and embeddings that transformers reads through this (`vocab_size` when resizing)."""
+        return self.encoder.get_text_config(decoder=decoder, encoder=encoder)
+
     def _check_retromae_fields(self):
         """Raise `ValueError` naming the field when a setting cannot describe a RetroMAE model."""
-        for field in ("encoder_mask_ratio", "decoder_mask_ratio"):
-            value = getattr(self, field)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{field} must lie strictly between 0 and 1, got {value!r}.")
-        if self.num_decoder_layers < 1:
-            raise ValueError(f"num_decoder_layers must be at least 1, got {self.num_decoder_layers!r}.")
+        check_settings(**{name: getattr(self, name) for name in SETTING_RULES})
         width, heads = self.encoder.hidden_size, self.encoder.num_attention_heads
         if width % heads != 0:
             raise ValueError(f"hidden_size ({width}) must be divisible by num_attention_heads ({heads}).")
@@ -107,4 +134,4 @@ def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: d
 
 RetroMAEConfig.register_for_auto_class()
 
-__all__ = ["RETROMAE_FIELDS", "RetroMAEConfig", "release_config_dict"]
+__all__ = ["RETROMAE_FIELDS", "RetroMAEConfig", "check_settings", "release_config_dict", "setting_problem"]

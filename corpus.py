@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .data import CorpusError
+from .errors import is_hub_id
 
 
 FORMATS = {
@@ -100,13 +101,9 @@ def resolve_corpus(train_data: str, config: str | None = None, split: str = "tra
         return CorpusSource(name=path.resolve().name, saved=path, split=split)
     if path.exists():
         return local_files(path)
-    if looks_like_hub_id(train_data):
+    if is_hub_id(train_data) and not path.suffix:  # a name with a file suffix is a missing file
         return CorpusSource(name=train_data, hub_id=train_data, config=config, split=split)
     raise CorpusError(f"Training data not found: {path} does not exist (nor is it a Hub dataset id such as org/name).")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    return name.count("/") <= 1 and not name.startswith((".", "/", "~")) and "\\" not in name and not Path(name).suffix
 
 
 def local_files(path: Path) -> CorpusSource:
@@ -330,7 +327,10 @@ def csv_records(file: Path, column: str) -> Iterator[tuple[str, object]]:
             if column not in (rows.fieldnames or []):
                 raise CorpusError(f"{file} has no column {column!r} (its columns: {', '.join(rows.fieldnames or [])}); pass --text-column.")
             for row in rows:
-                yield f"{file}:{rows.line_num}", row[column] or None
+                if None in row:  # more fields than the header names: `datasets`' reader stops at them
+                    yield f"{file}:{rows.line_num}", BadRecord(f"has {len(rows.fieldnames) + len(row[None])} fields; the header has {len(rows.fieldnames)}.")
+                else:
+                    yield f"{file}:{rows.line_num}", row[column] or None
         except UnicodeDecodeError:
             yield f"{file}:{rows.line_num + 1}", BadRecord("is not UTF-8 text.")
 

@@ -17,6 +17,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .configuration_retromae import setting_problem
+
 
 class UsageError(ValueError):
     """A bad command-line input; the message says which and what is allowed."""
@@ -36,6 +40,20 @@ def at_least(minimum: float, kind: type = int):
         return value
 
     parse.__name__ = kind.__name__  # argparse names the kind in "invalid int value"
+    return parse
+
+
+def retromae_setting(name: str, kind: type):
+    """An argparse type for one of RetroMAE's settings, checked by `RetroMAEConfig`'s own rule for `name`."""
+
+    def parse(text: str):
+        value = kind(text)
+        problem = setting_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -72,14 +90,20 @@ def seed(text: str) -> int:
 seed.__name__ = "int"
 
 
-def looks_like_path(name: str) -> bool:
-    """Whether `name` can only be a local path, never a Hub id (`org/name` or `name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repository id (`name` or `org/name`, huggingface_hub's rules) rather than a path here."""
+    if Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_exists(what: str, name: str, error: type[UsageError] = UsageError) -> None:
     """A `what` (e.g. `--model`) that names a local path must exist; a Hub id is left to the loader."""
-    if looks_like_path(name) and not Path(name).expanduser().exists():
+    if not is_hub_id(name) and not Path(name).expanduser().exists():
         raise error(f"{what} {name}: no such file or folder.")
 
 

@@ -1,4 +1,4 @@
-"""`retromae evaluate`: dense retrieval on a BEIR-format folder, scored by sentence-transformers.
+"""`retromae evaluate`: dense retrieval on a BEIR-format folder, embedded by sentence-transformers, scored by trec_eval.
 
 A BEIR folder holds `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`)
 and `qrels/<split>.tsv` (`query-id`, `corpus-id`, `score`; a header line is allowed). The

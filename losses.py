@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
+from .hub.card import CITATION
 from .model_folder import quiet_loading
 from .modeling_retromae import EnhancedDecodingMask, RetroMAEForPreTraining, encoder_family, max_tokens
 
@@ -40,8 +41,8 @@ class RetroMAELoss(nn.Module):
     Args:
         model: the SentenceTransformer to pre-train: a transformer of a supported family
             (`ENCODER_FAMILIES`) and CLS pooling, nothing after it.
-        encoder_mask_ratio, decoder_mask_ratio, decoder_mask_patterns: as for `RetroMAECollator`.
-        num_decoder_layers: decoder layers, one in the paper.
+        encoder_mask_ratio, decoder_mask_ratio, num_decoder_layers, decoder_mask_patterns: RetroMAE's
+            settings, as `RetroMAEConfig` documents, defaults and checks them.
         seed: seeds the masks as `RetroMAECollator` does; `None` draws them from torch's
             generator, which the trainer seeds and restores on resume.
 
@@ -55,30 +56,25 @@ class RetroMAELoss(nn.Module):
     def __init__(
         self,
         model: SentenceTransformer,
-        encoder_mask_ratio: float = 0.30,
-        decoder_mask_ratio: float = 0.50,
-        num_decoder_layers: int = 1,
-        decoder_mask_patterns: int = 256,
+        encoder_mask_ratio: float = RetroMAEConfig.encoder_mask_ratio,
+        decoder_mask_ratio: float = RetroMAEConfig.decoder_mask_ratio,
+        num_decoder_layers: int = RetroMAEConfig.num_decoder_layers,
+        decoder_mask_patterns: int = RetroMAEConfig.decoder_mask_patterns,
         seed: int | None = None,
     ):
         super().__init__()
         backbone = check_model(model)
         self.model = model
-        self.collator = RetroMAECollator(
-            model.tokenizer,
-            encoder_mask_ratio,
-            decoder_mask_ratio,
-            max_length=min(model.max_seq_length or max_tokens(backbone.config), max_tokens(backbone.config)),
-            seed=seed,
-            decoder_mask_patterns=decoder_mask_patterns,
-        )
         config = RetroMAEConfig(
             encoder=backbone.config,
             encoder_mask_ratio=encoder_mask_ratio,
             decoder_mask_ratio=decoder_mask_ratio,
             num_decoder_layers=num_decoder_layers,
+            decoder_mask_patterns=decoder_mask_patterns,
             attn_implementation=backbone.config._attn_implementation,
         )
+        max_length = min(model.max_seq_length or max_tokens(backbone.config), max_tokens(backbone.config))
+        self.collator = RetroMAECollator.from_config(config, model.tokenizer, max_length=max_length, seed=seed)
         self.retromae = RetroMAEForPreTraining(config, encoder=masked_lm_around(backbone))
         self.checkpoints = LossCheckpoints(self)
 
@@ -110,23 +106,12 @@ class RetroMAELoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return """
-@inproceedings{xiao2022retromae,
-    title = "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder",
-    author = "Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao",
-    booktitle = "Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing",
-    year = "2022",
-    url = "https://arxiv.org/abs/2205.12035",
-}
-"""
+        """The paper, for the model card sentence-transformers writes."""
+        return CITATION
 
     def get_config_dict(self) -> dict:
-        return {
-            "encoder_mask_ratio": self.collator.encoder_mask_ratio,
-            "decoder_mask_ratio": self.collator.decoder_mask_ratio,
-            "num_decoder_layers": self.retromae.config.num_decoder_layers,
-            "decoder_mask_patterns": self.collator.decoder_mask_patterns,
-        }
+        config = self.retromae.config
+        return {name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "decoder_mask_patterns")}
 
     def own_parameters(self) -> dict[str, nn.Parameter]:
         """The loss's parameters that the model does not hold: the decoder and the MLM head (the head's tied weights excepted)."""

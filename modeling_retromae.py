@@ -36,6 +36,8 @@ pooling), with this code as an opt-in. This file is Hub remote code: it imports 
 transformers and the configuration next to it.
 """
 
+import copy
+import inspect
 import json
 import os
 import re
@@ -69,8 +71,7 @@ from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_con
 IGNORE_INDEX = -100
 # The keyword arguments of `from_pretrained` that say where a checkpoint's config.json is found.
 HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# sentence-transformers' files for first-token pooling, in the format every version of it reads
-# (and text-embeddings-inference and Infinity, which read 1_Pooling/config.json themselves).
+# sentence-transformers' files for first-token pooling, in the format every version of it reads.
 SENTENCE_TRANSFORMERS_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -305,6 +306,7 @@ class RetroMAESentenceEmbedding:
     """The family's base model, returning the sentence embedding: the final first-token state (paper §3.2)."""
 
     def forward(self, *args, **kwargs: Unpack[TransformersKwargs]) -> RetroMAEModelOutput:
+        """The family's base model's outputs, and the sentence embedding: the final state at the first token."""
         outputs = super().forward(*args, **(kwargs | {"return_dict": True}))
         if kwargs.get("return_dict") is False:
             return (outputs.last_hidden_state, outputs.last_hidden_state[:, 0])
@@ -319,6 +321,21 @@ class RetroMAESentenceEmbedding:
 def builds_pooler(model_type: str) -> bool:
     """Whether the family's base model builds a pooler unless told `add_pooling_layer=False` (BERT, RoBERTa, ...)."""
     return "add_pooling_layer" in MODEL_MAPPING[CONFIG_MAPPING[model_type]].__init__.__code__.co_varnames
+
+
+def family_config(config: PreTrainedConfig, model_type: str) -> PreTrainedConfig:
+    """
+    The config a released encoder class of `model_type` is built from: the family's own as it is,
+    or a `RetroMAEConfig`'s encoder carrying RetroMAE's settings (as earlier versions built encoders).
+    """
+    if not isinstance(config, RetroMAEConfig):
+        return config
+    if config.encoder.model_type != model_type:
+        raise ValueError(f"This class is a {model_type!r} encoder; the RetroMAEConfig describes a {config.encoder.model_type!r} one.")
+    encoder = copy.deepcopy(config.encoder)
+    for name in RETROMAE_FIELDS:
+        setattr(encoder, name, getattr(config, name))
+    return encoder
 
 
 def released_encoder_classes(model_type: str) -> tuple[type, type]:
@@ -339,16 +356,29 @@ def released_encoder_classes(model_type: str) -> tuple[type, type]:
     takes_pooler_flag = builds_pooler(model_type)
 
     def without_pooler(self, config, **kwargs):
+        config = family_config(config, model_type)
         base_class.__init__(self, config, **({"add_pooling_layer": False} if takes_pooler_flag else {}), **kwargs)
+
+    def with_mlm_head(self, config, **kwargs):
+        masked_lm_class.__init__(self, family_config(config, model_type), **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return RetroMAESentenceEmbedding.forward(self, *args, **kwargs)
+
+    # The family's signature, which transformers reads: `main_input_name`, the Trainer's `remove_unused_columns`.
+    forward.__signature__ = inspect.signature(base_class.forward).replace(return_annotation=RetroMAEModelOutput)
+    forward.__doc__ = RetroMAESentenceEmbedding.forward.__doc__
 
     model = type(names[0], (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
         "__init__": without_pooler,
+        "forward": forward,
         "__doc__": f"The RetroMAE encoder of a {base_class.__name__}: no pooler, returns the sentence embedding.",
         "__module__": __name__,
         "family_architecture": base_class.__name__,
         "_keys_to_ignore_on_load_unexpected": [rf"^(?!{base_class.base_model_prefix}\.)", r"pooler\."],
     })
     masked_lm = type(names[1], (RetroMAEReleasedEncoder, masked_lm_class), {
+        "__init__": with_mlm_head,
         "__doc__": f"The RetroMAE encoder with its MLM head: a {masked_lm_class.__name__}, the layout of a release.",
         "__module__": __name__,
         "family_architecture": masked_lm_class.__name__,
@@ -586,7 +616,7 @@ class RetroMAEDecoder(nn.Module):
     instead of kept.
     """
 
-    gradient_checkpointing = False  # set by `gradient_checkpointing_enable`
+    gradient_checkpointing = False  # set by `activation_checkpointing_enable` (the Trainer's `activation_checkpointing`)
 
     def __init__(self, config: BertConfig, num_layers: int, rotary_base: float | None = None):
         super().__init__()
@@ -733,8 +763,15 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
     def get_input_embeddings(self):
         return self.encoder.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Module):
+        """Give the encoder new word embeddings (`resize_token_embeddings`); its MLM head, shared by the decoder, stays tied to them."""
+        self.encoder.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.encoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.encoder.set_output_embeddings(value)
 
     def released_encoder(self, with_mlm_head: bool = True, weights: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
         """
@@ -789,10 +826,11 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
 
         description = (decoder_word_ids, decoder_mask_seeds, decoder_mask_budget, decoder_row_patterns)
-        if self.config.enhanced_decoding and decoder_word_ids is None:
+        if self.config.enhanced_decoding != (decoder_word_ids is not None):
             raise ValueError(
-                f"Enhanced decoding needs the mask's description: {', '.join(EnhancedDecodingMask.DESCRIPTION)}, "
-                "as RetroMAECollator makes them."
+                f"The batch {'describes no' if decoder_word_ids is None else 'describes an'} enhanced-decoding mask "
+                f"({', '.join(EnhancedDecodingMask.DESCRIPTION)}), and the config has enhanced_decoding="
+                f"{self.config.enhanced_decoding}: build the collator with RetroMAECollator.from_config(model.config, tokenizer)."
             )
         mask = EnhancedDecodingMask(encoder_attention_mask, *(description if self.config.enhanced_decoding else ()))
         decoded = self.decode(sentence_embedding, decoder_input_ids, mask)

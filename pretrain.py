@@ -38,7 +38,7 @@ from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
-from .errors import UsageError, at_least, check_exists, loading, positive, seed, steps
+from .errors import UsageError, at_least, check_exists, loading, positive, retromae_setting, seed, steps
 from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
 from .passages import FirstPassage, PassageSplitter, TrainedPassages, empty_passages, unknown_passages
 from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, finished_step, resume_checkpoint
@@ -131,8 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     method = parser.add_argument_group("RetroMAE")
-    method.add_argument("--encoder-mask-ratio", type=float, default=0.30, help="Encoder masking ratio (paper: 0.15-0.30). Default: 0.30.")
-    method.add_argument("--decoder-mask-ratio", type=float, default=0.50, help="Decoder masking ratio (paper: 0.50-0.70). Default: 0.50.")
+    method.add_argument(
+        "--encoder-mask-ratio", type=retromae_setting("encoder_mask_ratio", float), default=RetroMAEConfig.encoder_mask_ratio, help="Encoder masking ratio (paper: 0.15-0.30). Default: %(default)s."
+    )
+    method.add_argument(
+        "--decoder-mask-ratio", type=retromae_setting("decoder_mask_ratio", float), default=RetroMAEConfig.decoder_mask_ratio, help="Decoder masking ratio (paper: 0.50-0.70). Default: %(default)s."
+    )
     method.add_argument(
         "--no-enhanced-decoding",
         dest="enhanced_decoding",
@@ -141,10 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument(
         "--decoder-mask-patterns",
-        type=at_least(1),
-        default=256,
+        type=retromae_setting("decoder_mask_patterns", int),
+        default=RetroMAEConfig.decoder_mask_patterns,
         help="Whole-word patterns drawn per passage for the enhanced-decoding mask: every row has its own up to this "
-        "many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: 256.",
+        "many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: %(default)s.",
     )
     method.add_argument(
         "--max-length",
@@ -224,15 +228,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     if args.resume:
         check_resumable(resume_checkpoint(args), model)
     dataset, records = training_passages(args, source, tokenizer)
-    collator = RetroMAECollator(
-        tokenizer,
-        args.encoder_mask_ratio,
-        args.decoder_mask_ratio,
-        max_length=args.max_length,
-        seed=args.seed,
-        enhanced_decoding=args.enhanced_decoding,
-        decoder_mask_patterns=args.decoder_mask_patterns,
-    )
+    collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
     interrupt = StopOnInterrupt()
     arguments = training_arguments(args, model)
     if args.fsdp_overrides is not None and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
@@ -362,10 +358,6 @@ def demo_model_path() -> str:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad inputs before anything is loaded or written."""
-    for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
-        value = getattr(args, name)
-        if not 0.0 < value < 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1, got {value}.")
     if args.model and args.config:
         raise UsageError("Give --model or --config, not both.")
     if args.streaming and args.max_steps < 1:
@@ -478,6 +470,7 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         encoder_mask_ratio=args.encoder_mask_ratio,
         decoder_mask_ratio=args.decoder_mask_ratio,
         enhanced_decoding=args.enhanced_decoding,
+        decoder_mask_patterns=args.decoder_mask_patterns,
     )
     torch.manual_seed(args.seed)  # the fresh parts (all of --config, the decoder from a checkpoint) are drawn from it
     if args.config:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from sentence_transformers.util import load_file_path
 
 
 def to_sentence_transformer(
@@ -34,15 +35,19 @@ def to_sentence_transformer(
 
 
 def load_sentence_transformer(model_name_or_path: str) -> SentenceTransformer:
-    """A SentenceTransformer as saved (its own pooling), or first-token pooling for a bare encoder / RetroMAE folder."""
-    path = Path(model_name_or_path)
-    if path.is_dir() and not (path / "modules.json").is_file():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a model folder (no config.json).")
-        if "encoder" in json.loads((path / "config.json").read_text()):
-            raise ValueError(
-                f"{path} is a RetroMAE pre-training checkpoint (encoder and decoder): embed with the released encoder "
-                f"(OUTPUT_DIR/model), or write one with `retromae convert {path} DST`."
-            )
-        return to_sentence_transformer(str(path))
-    return SentenceTransformer(model_name_or_path, trust_remote_code=True)
+    """
+    A SentenceTransformer as saved (its own pooling), or first-token pooling for a bare encoder or
+    RetroMAE release, a folder or a Hub id alike: sentence-transformers would mean-pool a model
+    without its files (modules.json), and RetroMAE trains the first token's state.
+    """
+    if load_file_path(model_name_or_path, "modules.json"):
+        return SentenceTransformer(model_name_or_path, trust_remote_code=True)
+    config = load_file_path(model_name_or_path, "config.json")
+    if config is None:
+        raise ValueError(f"{model_name_or_path} is not a model folder or a Hub model id (no config.json).")
+    if "encoder" in json.loads(Path(config).read_text()):
+        raise ValueError(
+            f"{model_name_or_path} is a RetroMAE pre-training checkpoint (encoder and decoder): embed with the released "
+            f"encoder (OUTPUT_DIR/model), or write one with `retromae convert {model_name_or_path} DST`."
+        )
+    return to_sentence_transformer(model_name_or_path)

@@ -199,14 +199,7 @@ def variant_setup(settings: dict, config: RetroMAEConfig, tokenizer, max_length:
     settings = dict(settings)
     objective = settings.pop("objective")
     variant_config = RetroMAEConfig(**(config.to_dict() | settings))
-    collator = RetroMAECollator(
-        tokenizer,
-        variant_config.encoder_mask_ratio,
-        variant_config.decoder_mask_ratio,
-        max_length=max_length,
-        seed=seed,
-        enhanced_decoding=variant_config.enhanced_decoding,
-    )
+    collator = RetroMAECollator.from_config(variant_config, tokenizer, max_length=max_length, seed=seed)
     return objective, variant_config, collator
 
 

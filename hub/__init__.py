@@ -1,4 +1,4 @@
-"""Hub release tooling: assemble, check and publish RetroMAE repositories; convert BERT checkpoints both ways."""
+"""Hub release tooling: assemble, check and publish RetroMAE repositories; convert checkpoints of every supported family both ways."""
 
 from retromae.hub.card import CardError, model_card
 from retromae.hub.convert import convert, convert_sparse, export_plain

@@ -12,7 +12,7 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from ..errors import UsageError
+from ..errors import UsageError, is_hub_id
 from ..model_folder import public_name
 from ..modeling_retromae import builds_pooler
 
@@ -117,10 +117,8 @@ def public_record(pretraining: dict) -> dict:
 
 
 def hub_id(name: str | None) -> str | None:
-    """`name` if it reads as a Hub repo id (`org/name`, not a local path), else None."""
-    if not name or Path(name).exists() or name.count("/") != 1 or name.startswith((".", "/")):
-        return None
-    return name
+    """`name` if it reads as a Hub repo id with its organisation (`org/name`), else None: a local folder is named by its last part."""
+    return name if name and "/" in name and is_hub_id(name) else None
 
 
 def eval_results(evaluations: list[dict]) -> list[EvalResult]:
@@ -163,7 +161,8 @@ def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
     note = (
         "\n\nThe sparse embedding ranked by dot product, scored by trec_eval (`retromae evaluate --sparse`)."
         if sparse
-        else "\n\nThe first-token embedding, scored by sentence-transformers' `InformationRetrievalEvaluator` (`retromae evaluate`)."
+        else "\n\nThe first-token embedding ranks each query's documents by the model's similarity; trec_eval scores "
+        "the ranking (through `pytrec_eval`), as BEIR and MTEB do (`retromae evaluate`)."
     )
     return "\n".join(header + rows) + note
 

@@ -112,6 +112,9 @@ def cases(world) -> dict[str, tuple[list[str], str, list[Path]]]:
         "--max-length 2": "--max-length: must be at least 3",
         "--weight-decay -0.1": "--weight-decay: must be at least 0",
         "--save-total-limit 0": "--save-total-limit: must be at least 1",
+        "--encoder-mask-ratio 1.5": "--encoder-mask-ratio: must lie strictly between 0 and 1, got 1.5",
+        "--decoder-mask-ratio 0": "--decoder-mask-ratio: must lie strictly between 0 and 1, got 0.0",
+        "--decoder-mask-patterns 0": "--decoder-mask-patterns: must be at least 1, got 0",
     }
     table = {f"pretrain {flag}": ([*pretrain, *flag.split()], message, []) for flag, message in numbers.items()}
     table |= {

@@ -1,11 +1,14 @@
 """RetroMAEConfig: the authors' defaults, any encoder family, validation at the boundary, round trips."""
 
+import inspect
 import json
 
 import pytest
 from transformers import AutoConfig, BertConfig, ModernBertConfig, RobertaConfig
 
-from retromae import RetroMAEConfig
+from retromae import RetroMAECollator, RetroMAEConfig, RetroMAELoss
+from retromae.cli import build_parser
+from retromae.configuration_retromae import SETTING_RULES
 
 
 def test_defaults_are_the_authors():
@@ -33,6 +36,7 @@ def test_auto_map_points_every_auto_class_at_the_remote_code():
         ({"decoder_mask_ratio": 1.0}, "decoder_mask_ratio must lie strictly between 0 and 1, got 1.0"),
         ({"decoder_mask_ratio": -0.5}, "decoder_mask_ratio must lie strictly between 0 and 1, got -0.5"),
         ({"num_decoder_layers": 0}, "num_decoder_layers must be at least 1, got 0"),
+        ({"decoder_mask_patterns": 0}, "decoder_mask_patterns must be at least 1, got 0"),
         ({"hidden_size": 100, "num_attention_heads": 3}, r"hidden_size \(100\) must be divisible by num_attention_heads \(3\)"),
     ],
 )
@@ -61,3 +65,23 @@ def test_a_config_of_an_earlier_version_reads_as_a_bert_encoder(tmp_path):
     config = RetroMAEConfig.from_pretrained(tmp_path)
     assert isinstance(config.encoder, BertConfig)
     assert (config.encoder.num_hidden_layers, config.encoder.hidden_size, config.decoder_mask_ratio) == (3, 96, 0.6)
+
+
+@pytest.mark.parametrize("encoder", [BertConfig(vocab_size=321), RobertaConfig(vocab_size=321)])
+def test_text_config_is_the_encoders(encoder):
+    """transformers reads the vocabulary (`vocab_size` when resizing, `tie_word_embeddings`) through `get_text_config()`."""
+    config = RetroMAEConfig(encoder=encoder)
+    assert config.get_text_config() is config.encoder
+    assert config.get_text_config(decoder=True).vocab_size == 321
+
+
+def test_the_collator_the_loss_and_the_cli_take_their_defaults_from_the_config():
+    """One home for RetroMAE's settings: a default changed in RetroMAEConfig changes everywhere."""
+    config = RetroMAEConfig()
+    for callable_ in (RetroMAECollator.__init__, RetroMAELoss.__init__):
+        defaults = {name: parameter.default for name, parameter in inspect.signature(callable_).parameters.items() if name in SETTING_RULES or name == "enhanced_decoding"}
+        assert defaults and defaults == {name: getattr(config, name) for name in defaults}
+    arguments = build_parser().parse_args(["pretrain"])
+    assert {name: getattr(arguments, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "decoder_mask_patterns", "enhanced_decoding")} == {
+        name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "decoder_mask_patterns", "enhanced_decoding")
+    }

@@ -190,6 +190,17 @@ def test_bad_records_stop_the_cli_with_exit_2_and_no_traceback(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["memory-mapped", "streamed"])
+@pytest.mark.parametrize("suffix, separator", [(".csv", b","), (".tsv", b"\t")])
+def test_a_row_wider_than_the_header_stops_the_cli_naming_file_and_line(tmp_path, capsys, streaming, suffix, separator):
+    rows = [b"id", b"text", b"1", b"ok", b"2", b"ok", b"3", b"ok", b"extra", b"4", b"ok"]
+    lines = [rows[0:2], rows[2:4], rows[4:6], rows[6:9], rows[9:11]]
+    (tmp_path / f"wide{suffix}").write_bytes(b"\n".join(separator.join(line) for line in lines) + b"\n")
+    assert main(tiny_run(tmp_path / f"wide{suffix}", tmp_path / "run", *streaming)) == 2
+    error = capsys.readouterr().err
+    assert f"wide{suffix}:4 has 3 fields; the header has 2." in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["memory-mapped", "streamed"])
 def test_an_empty_corpus_is_refused(tmp_path, capsys, streaming):
     write_lines(tmp_path / "blank.txt", ["", "   "])
     assert main(tiny_run(tmp_path / "blank.txt", tmp_path / "run", *streaming)) == 2

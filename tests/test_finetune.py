@@ -2,16 +2,21 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel
+from transformers import AutoModel, BertForMaskedLM
 
 from retromae import RetroMAEForMaskedLM
 from retromae.cli import main
+from retromae.losses import describe
 from retromae.sentence_transformer import load_sentence_transformer
+
+from conftest import place_in_hub_cache
 
 
 PAIRS = [
@@ -71,6 +76,20 @@ def test_tsv_with_hard_negatives_and_the_cached_loss(tmp_path, base_model):
     data.write_text("".join(f"{q}\t{p}\t{PAIRS[(i + 1) % len(PAIRS)][1]}\n" for i, (q, p) in enumerate(PAIRS)))
     assert main(finetune_args(base_model, data, tmp_path / "run", "--max-steps", "2", "--cached", "2")) == 0
     assert (tmp_path / "run" / "model" / "modules.json").exists()
+
+
+def test_a_plain_encoder_by_hub_id_is_fine_tuned_and_saved_with_first_token_pooling(tmp_path, tiny_config, tokenizer):
+    """A Hub model without sentence-transformers files is pooled as RetroMAE trains it, as a local folder is, not mean-pooled."""
+    BertForMaskedLM(tiny_config.encoder).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    place_in_hub_cache(tmp_path / "hub", "org/plain-bert", {"0" * 40: tmp_path / "plain"}, main="0" * 40)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
+    command = [sys.executable, "-m", "retromae.cli", *finetune_args("org/plain-bert", data, tmp_path / "run", "--max-steps", "1")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [describe(module) for module in SentenceTransformer(str(tmp_path / "run" / "model"))] == ["Transformer", "Pooling(cls)"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import pytrec_eval
 import torch
 from huggingface_hub import ModelCard
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, BertForMaskedLM, BertModel
 
 from retromae import RetroMAEForPreTraining
-from retromae.hub import CardError, ReleaseError, convert, export_plain, release
+from retromae import evaluate as evaluate_module
+from retromae.cli import main
+from retromae.corpus import resolve_corpus
+from retromae.hub import CardError, ReleaseError, convert, export_plain, model_card, release
+from retromae.errors import is_hub_id
+from retromae.model_folder import public_name
 from retromae.pretrain import release_encoder
 
 from conftest import MINILM_PATH, TEXTS, place_in_hub_cache
@@ -310,3 +317,45 @@ def test_convert_refuses_what_is_not_a_supported_encoder(tmp_path, source, messa
     with pytest.raises(ReleaseError, match=message):
         convert(str(tmp_path / source), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# Tools a reader could take the card to promise; the card may name only those the card's own blocks run
+# (`test_every_python_block_of_the_card_runs_as_written`): transformers' AutoModel and sentence-transformers.
+UNTESTED_TOOLS = ("text-embeddings-inference", "TEI", "vLLM", "Infinity", "ONNX", "OpenVINO", "Optimum", "TensorRT", "llama.cpp", "Ollama")
+
+
+def test_the_card_says_where_its_figures_come_from_and_names_only_tested_tools(monkeypatch, capsys):
+    evaluation = {"data": "scifact", "split": "test", "ndcg@10": 0.5, "mrr@10": 0.5, "recall@100": 0.5}
+    card = model_card("org/tiny-retromae", evaluations=[evaluation]).text
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = capsys.readouterr().out
+    for text in (card, help_text):
+        assert "pytrec_eval" in text and "InformationRetrievalEvaluator" not in text
+    assert not [tool for tool in UNTESTED_TOOLS if re.search(rf"\b{re.escape(tool)}\b", card, flags=re.I)]
+    assert {"AutoModel", "sentence-transformers"} <= set(re.findall(r"AutoModel|sentence-transformers", card))
+
+    scored = []
+
+    class Spy(pytrec_eval.RelevanceEvaluator):
+        def evaluate(self, run):
+            scored.append(run)
+            return super().evaluate(run)
+
+    monkeypatch.setattr(evaluate_module.pytrec_eval, "RelevanceEvaluator", Spy)
+    ranking = {"q1": {"d1": 0.9, "d2": 0.1}, "q2": {"d1": 0.8, "d2": 0.7}}
+    monkeypatch.setattr(evaluate_module, "rank", lambda model, task, batch_size: ranking)
+    task = evaluate_module.RetrievalTask(corpus={"d1": "a", "d2": "b"}, queries={"q1": "x", "q2": "y"}, relevant={"q1": {"d1": 1}, "q2": {"d2": 2}})
+    figures = evaluate_module.evaluate(None, task)
+    assert scored and figures["mrr@10"] == pytest.approx((1 + 1 / 2) / 2) and figures["recall@100"] == 1.0
+
+
+def test_one_test_says_what_is_a_hub_id_for_models_corpora_and_the_card(tmp_path):
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "local").mkdir()
+    assert is_hub_id("org/name") and is_hub_id("bert-base-uncased")
+    assert not any(is_hub_id(name) for name in ("fresh tiny BERT", "a/b/c", "./x", str(tmp_path / "org" / "local")))
+    assert [public_name(name) for name in ("org/name", str(tmp_path / "org" / "local"))] == ["org/name", "local"]
+    assert resolve_corpus("wikimedia/wikipedia").hub_id == "wikimedia/wikipedia"
+    assert model_card("org/x", {"base_model": str(tmp_path / "org" / "local")}).data.base_model is None
+    assert model_card("org/x", {"base_model": "org/base"}).data.base_model == "org/base"

@@ -6,13 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertModel, Trainer, TrainingArguments
+import datasets
+from transformers import BertModel, RobertaConfig, Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAEModel, modeling_retromae
+from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining, RetroMAEModel, modeling_retromae
+from retromae.configuration_retromae import RETROMAE_FIELDS
+from retromae.modeling_retromae import RELEASED_ENCODERS
 
 from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
+from families import FAMILIES, VOCAB_SIZE, tiny_config as family_config
 
 
 def layer_norm(x, module):
@@ -293,3 +298,69 @@ def test_encoder_forward_takes_transformers_typed_keyword_arguments(tiny_config,
     model.set_attn_implementation("eager")
     output = model(batch["decoder_input_ids"], output_attentions=True, output_hidden_states=True)
     assert len(output.attentions) == len(output.hidden_states) - 1 == tiny_config.encoder.num_hidden_layers
+
+
+def test_encoder_classes_are_built_from_a_retromae_config_as_in_earlier_versions(tiny_config, batch):
+    """`RetroMAEModel(RetroMAEConfig(vocab_size=...))` builds the BERT encoder the config describes, with RetroMAE's settings."""
+    for encoder_class in (RetroMAEModel, RetroMAEForMaskedLM):
+        model = encoder_class(tiny_config).eval()
+        assert model.config.to_dict() | {"architectures": None} == tiny_config.encoder.to_dict() | {"architectures": None} | {
+            name: getattr(tiny_config, name) for name in RETROMAE_FIELDS
+        }
+        assert model(batch["decoder_input_ids"]) is not None
+
+
+def test_an_encoder_class_refuses_a_retromae_config_of_another_family():
+    config = RetroMAEConfig(encoder=RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="'bert' encoder; the RetroMAEConfig describes a 'roberta' one"):
+        RetroMAEModel(config)
+
+
+def test_resizing_the_vocabulary_keeps_the_mlm_head_tied_to_the_embeddings(tiny_config, batch):
+    """Domain tokens added before pre-training: `resize_token_embeddings` grows the encoder, and the shared head reads the new rows."""
+    model = RetroMAEForPreTraining(tiny_config)
+    new_token = len(model.get_input_embeddings().weight)
+    embeddings = model.resize_token_embeddings(new_token + 2)
+    weight, bias = model.family.head_output(model.encoder)
+    assert weight is embeddings.weight and weight.shape[0] == len(bias) == model.config.encoder.vocab_size == new_token + 2
+    batch = batch | {"decoder_input_ids": batch["decoder_input_ids"].clone(), "decoder_labels": batch["decoder_labels"].clone()}
+    batch["decoder_input_ids"][0, 1] = batch["decoder_labels"][0, 1] = new_token
+    model(**batch).loss.backward()
+    assert embeddings.weight.grad[new_token].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_forward_has_the_familys_signature_which_transformers_reads(family, tmp_path):
+    """`main_input_name` checks, `inputs_embeds` and the Trainer's `remove_unused_columns` read `forward`'s signature."""
+    config = family_config(family, VOCAB_SIZE)
+    model = RELEASED_ENCODERS[family][0](config).eval()
+    family_forward = inspect.signature(MODEL_MAPPING[type(config)].forward)
+    assert list(inspect.signature(model.forward).parameters)[0] == model.main_input_name == "input_ids"
+    assert inspect.signature(type(model).forward).parameters == family_forward.parameters
+
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    with torch.no_grad():
+        from_embeddings = model(inputs_embeds=model.get_input_embeddings()(ids)).sentence_embedding
+        torch.testing.assert_close(from_embeddings, model(ids).sentence_embedding)
+
+    rows = datasets.Dataset.from_dict({"input_ids": ids.tolist() * 2, "attention_mask": [[1] * 5] * 2, "text": ["a", "b"]})
+    arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    loaded = next(iter(Trainer(model=model, args=arguments, train_dataset=rows).get_train_dataloader()))
+    assert set(loaded) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("model_enhanced, collator_enhanced", [(False, True), (True, False)])
+def test_a_batch_and_a_config_that_disagree_on_enhanced_decoding_are_refused(tiny_config, tokenizer, model_enhanced, collator_enhanced):
+    """An ablation model fed enhanced-decoding batches would learn to copy its unmasked input, in silence."""
+    tiny_config.enhanced_decoding = model_enhanced
+    batch = RetroMAECollator(tokenizer, max_length=32, seed=0, enhanced_decoding=collator_enhanced)(TEXTS[:2])
+    with pytest.raises(ValueError, match=rf"config has enhanced_decoding={model_enhanced}: build the collator with RetroMAECollator.from_config"):
+        RetroMAEForPreTraining(tiny_config)(**batch)
+
+
+@pytest.mark.parametrize("enhanced_decoding", [True, False], ids=["enhanced-decoding", "ablation"])
+def test_a_collator_from_the_config_makes_the_batches_its_model_reads(tiny_config, tokenizer, enhanced_decoding):
+    tiny_config.enhanced_decoding, tiny_config.encoder_mask_ratio, tiny_config.decoder_mask_ratio = enhanced_decoding, 0.2, 0.6
+    collator = RetroMAECollator.from_config(tiny_config, tokenizer, max_length=32, seed=0)
+    assert (collator.encoder_mask_ratio, collator.decoder_mask_ratio, collator.enhanced_decoding) == (0.2, 0.6, enhanced_decoding)
+    assert torch.isfinite(RetroMAEForPreTraining(tiny_config)(**collator(TEXTS[:2])).loss)
