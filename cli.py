@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import finetune, plan, pretrain
+from .diagnostics import CURVES_FILE, draw_training_curves, read_metrics
 from .errors import Destination, Interrupted, UsageError, at_least
 from .model_folder import PRETRAINING_FILE
 from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
@@ -142,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_arguments(planning)
     planning.set_defaults(handler=run_plan)
+
+    plotting = commands.add_parser(
+        "plot",
+        parents=[common],
+        help="draw a pre-training run's held-out evaluations (from OUTPUT_DIR/metrics.jsonl)",
+        description="Draw the training curves of a `retromae pretrain` run from its metrics.jsonl: held-out losses, "
+        "accuracies, embedding information and span retrieval against steps, the first evaluation as a baseline. "
+        "For a run cut short, or one still going; a finished run has the picture in OUTPUT_DIR/model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    plotting.add_argument("run_dir", metavar="RUN_DIR", help="The run's --output-dir (it holds metrics.jsonl).")
+    plotting.add_argument("--output", help=f"Where the PNG is written. Default: RUN_DIR/{CURVES_FILE}.")
+    plotting.set_defaults(handler=run_plot)
     return parser
 
 
@@ -259,6 +273,13 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     print(plan.run(args))
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    records = read_metrics(args.run_dir)
+    output = Path(args.output or Path(args.run_dir) / CURVES_FILE)
+    draw_training_curves(records, output)
+    print(f"Drew {len(records)} evaluations (steps {records[0]['step']} to {records[-1]['step']}) in {output}")
 
 
 def main(argv: list[str] | None = None) -> int:

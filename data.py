@@ -4,6 +4,7 @@ The user's corpora (files, saved datasets, Hub datasets) are read by `corpus.py`
 """
 
 import bz2
+import functools
 import json
 import os
 import re
@@ -99,6 +100,7 @@ def clean_paragraph(paragraph: str) -> str:
     return re.sub(r"'{2,}", "", paragraph).strip()
 
 
+@functools.cache
 def demo_corpus() -> datasets.Dataset:
-    """Every paragraph of the demo articles as a `text` dataset."""
+    """Every paragraph of the demo articles as a `text` dataset (read once: training and its held-out passages both take it)."""
     return datasets.Dataset.from_dict({"text": [p for article in demo_articles() for p in article.paragraphs]})

@@ -38,6 +38,20 @@ from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
+from . import diagnostics
+from .diagnostics import (
+    CURVES_FILE,
+    HeldOutEvaluation,
+    LearningRateOnResume,
+    MetricsFile,
+    check_finite_weights,
+    console_line,
+    draw_training_curves,
+    evaluation_schedule,
+    held_out_set,
+    training_evaluation,
+    without_held_out,
+)
 from .errors import UsageError, at_least, check_exists, loading, positive, retromae_setting, seed, steps
 from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
 from .passages import FirstPassage, PassageSplitter, TrainedPassages, empty_passages, unknown_passages
@@ -56,6 +70,7 @@ SIZES = {
 # Settings of a full run, and of the embedded demo (a few minutes on 2 CPU cores); flags override both.
 FULL_RUN = dict(max_length=512, batch_size=32, max_steps=-1)
 DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
+DEMO_EVALUATION = dict(eval_split=0.02, eval_size=64)  # held-out passages that keep evaluation within 5% of the demo's time
 
 RELEASE_FOLDER = "model"
 STREAM_BATCH = 64
@@ -215,6 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bookkeeping.add_argument("--save-total-limit", type=at_least(1), default=2, help="Checkpoints kept. Default: 2.")
     bookkeeping.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
     add_run_arguments(bookkeeping)
+    diagnostics.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path | None:
@@ -227,8 +243,9 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     model, tokenizer = build_model_and_tokenizer(args)
     if args.resume:
         check_resumable(resume_checkpoint(args), model)
-    dataset, records = training_passages(args, source, tokenizer)
     collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
+    held_out = held_out_set(args, source, tokenizer, collator)  # before the training corpus is read: its masks are drawn at epoch 0
+    dataset, records = training_passages(args, source, tokenizer)
     interrupt = StopOnInterrupt()
     arguments = training_arguments(args, model)
     if args.fsdp_overrides is not None and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
@@ -237,8 +254,9 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         model=model,
         args=arguments,
         train_dataset=dataset,
+        eval_dataset=held_out,
         data_collator=collator,
-        callbacks=[EpochCallback(collator), interrupt, *callbacks],
+        callbacks=[EpochCallback(collator), interrupt, LearningRateOnResume(), *callbacks],
     )
     if args.fsdp_overrides is not None and not trainer.is_fsdp_enabled:
         raise UsageError(FSDP_NOT_SHARDED)
@@ -254,8 +272,11 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     release = Path(args.output_dir) / RELEASE_FOLDER
     weights = gathered_weights(trainer)
     if trainer.is_world_process_zero():
+        evaluations = MetricsFile(args.output_dir).records() if held_out is not None else []
         summary = run_summary(args, trainer, source, records, dataset, time.perf_counter() - started)
-        release_encoder(trainer.model, tokenizer, release, summary, weights)
+        release_encoder(
+            trainer.model, tokenizer, release, summary | {"training_evaluation": training_evaluation(evaluations)}, weights, evaluations
+        )
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
 
@@ -274,6 +295,7 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     `--dataloader-num-workers` processes (cached by `datasets`: a resumed run does not cut again).
     """
     dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records) if source else demo_corpus()
+    dataset = without_held_out(dataset, args)
     records = None if args.streaming else len(dataset)
     cut = (PassageSplitter if args.passages == "split" else FirstPassage)(tokenizer, args.max_length)
     trained = TrainedPassages(tokenizer)
@@ -341,6 +363,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    diagnostics.resolve_defaults(args, {} if args.train_data else DEMO_EVALUATION)
     if args.model is None and args.config is None:
         args.model = demo_model_path()
 
@@ -367,6 +390,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             check_exists(f"--{name}", getattr(args, name))
     check_report_to(args.report_to)
     check_engine(args)
+    diagnostics.check_arguments(args)
     check_output_dir(args)
 
 
@@ -656,6 +680,7 @@ def trainer_settings(args: argparse.Namespace, model: RetroMAEForPreTraining) ->
         deepspeed=deepspeed_config(args.deepspeed_config, model) if args.deepspeed_config else None,
         fsdp=fsdp is not None,
         fsdp_config=fsdp,
+        **evaluation_schedule(args),
     )
 
 
@@ -708,8 +733,11 @@ def fsdp_units(model: RetroMAEForPreTraining) -> list[str]:
     return [type(layers[0]).__name__, type(model.decoder).__name__]
 
 
-class RetroMAETrainer(AtomicCheckpoints, Trainer):
-    """`Trainer` that logs encoder and decoder losses and tokens/s, and writes checkpoints atomically."""
+class RetroMAETrainer(HeldOutEvaluation, AtomicCheckpoints, Trainer):
+    """
+    `Trainer` that logs encoder and decoder losses and tokens/s, evaluates on held-out passages,
+    stops on a loss that is not finite, and writes checkpoints atomically.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -736,6 +764,7 @@ class RetroMAETrainer(AtomicCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
+        self.stop_on_non_finite(outputs)
         step = [outputs.encoder_loss.detach().float().cpu(), outputs.decoder_loss.detach().float().cpu(), 1.0]
         self._since_log += torch.tensor([*step, inputs["encoder_attention_mask"].sum().item()])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -767,6 +796,8 @@ class LossLineProgressCallback(ProgressCallback):
     """The Trainer's progress bar, with one readable line per logging step."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "eval_embedding_information" in logs:
+            return self.training_bar.write(console_line(state.global_step, logs))
         if not (state.is_world_process_zero and self.training_bar is not None and "encoder_loss" in logs):
             return super().on_log(args, state, control, logs=logs, **kwargs)
         self.training_bar.write(
@@ -831,10 +862,19 @@ def release_encoder(
     folder: Path,
     summary: dict | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    evaluations: list[dict] = (),
 ) -> None:
     """
     Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing
-    model folder; from `weights` (the whole model's, gathered from the shards) where given.
+    model folder; from `weights` (the whole model's, gathered from the shards) where given; with the
+    picture of the held-out evaluations where there are any. Weights that are not finite are refused.
     """
     encoder = model.released_encoder(weights=weights)
-    save_atomically(folder, lambda path: write_model_files(path, encoder, tokenizer, summary))
+    check_finite_weights(encoder)
+
+    def write(path: Path) -> None:
+        write_model_files(path, encoder, tokenizer, summary)
+        if evaluations:
+            draw_training_curves(evaluations, path / CURVES_FILE)
+
+    save_atomically(folder, write)

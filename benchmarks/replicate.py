@@ -16,8 +16,9 @@ chosen by a short sweep on the MLM 0.30 baseline alone (lowest held-apart MLM lo
 Each encoder is then measured on articles held apart from pre-training:
 
   probe       the decoder's loss on held-apart passages with each passage's own sentence
-              embedding h_X, and with h_X of another passage of the batch: the gap is what the
-              embedding tells the decoder (RetroMAE variants); the held-apart MLM loss of every
+              embedding h_X, and with h_X of another held-apart passage: the gap is what the
+              embedding tells the decoder (RetroMAE variants; `retromae pretrain` reports it while
+              training, as embedding information, with the same code); the held-apart MLM loss of every
               encoder, against the corpus' unigram entropy (the loss of predicting token frequencies)
   zero-shot   inverse-cloze retrieval with the [CLS] embedding as it is: a sentence is the query,
               the rest of its passage the one relevant document, among all held-apart passages
@@ -55,9 +56,10 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
-from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
+from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
 from retromae import finetune
 from retromae.data import Article, demo_articles
+from retromae.diagnostics import HeldOutSet, evaluate, first_passages
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
 from retromae.model_folder import save_atomically, write_model_files
 from retromae.pretrain import hardware, load_tokenizer
@@ -263,26 +265,33 @@ def sweep_learning_rate(config, tokenizer, passages, probe_passages, args) -> di
 @torch.no_grad()
 def probe(model: torch.nn.Module, setup: tuple, tokenizer, passages: list[str], args) -> dict[str, float]:
     """
-    Held-apart losses: the encoder's MLM loss and, for RetroMAE, the decoder's loss with each
-    passage's own sentence embedding and with another passage's (the batch rolled by one).
+    Held-apart figures, token-weighted: the encoder's MLM loss and, for RetroMAE, the decoder's
+    loss with each passage's own sentence embedding and with another passage's, and their gap
+    (the package's held-out diagnostics, `retromae.diagnostics`: its "embedding information").
     """
     objective, variant_config = setup
     _, _, collator = variant_setup({"objective": objective}, variant_config, tokenizer, args.max_length, seed=0)
-    losses = {"encoder_loss": [], "decoder_loss_own_embedding": [], "decoder_loss_other_embedding": []}
-    for start in range(0, len(passages) - args.batch_size + 1, args.batch_size):
-        batch = collator(passages[start : start + args.batch_size])
-        if objective == "mlm":
-            losses["encoder_loss"].append(step_losses(model, objective, batch)[1])
-            continue
-        encoded = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
-        losses["encoder_loss"].append(model.masked_lm_loss(encoded, batch["encoder_labels"]).item())
-        for key, embedding in (("own", encoded[:, 0]), ("other", encoded[:, 0].roll(1, dims=0))):
-            decoded = model.decode(embedding, batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
-            losses[f"decoder_loss_{key}_embedding"].append(model.masked_lm_loss(decoded, batch["decoder_labels"]).item())
-    figures = {key: statistics.fmean(values) for key, values in losses.items() if values}
-    if objective != "mlm":
-        figures["embedding_gap"] = figures["decoder_loss_other_embedding"] - figures["decoder_loss_own_embedding"]
-    return figures
+    cut = lambda batch: tokenizer(batch["text"], add_special_tokens=False, truncation=True, max_length=args.max_length - 2)  # noqa: E731
+    held_out = HeldOutSet.from_passages(first_passages(passages, cut, len(passages), collator), collator, args.batch_size, seed=0)
+    if objective == "mlm":
+        return {"encoder_loss": mlm_loss(model, held_out)}
+    figures = evaluate(model, held_out)
+    return {
+        "encoder_loss": figures["encoder_loss"],
+        "decoder_loss_own_embedding": figures["decoder_loss"],
+        "decoder_loss_other_embedding": figures["decoder_loss"] + figures["embedding_information"],
+        "embedding_gap": figures["embedding_information"],
+    }
+
+
+def mlm_loss(model: torch.nn.Module, held_out: HeldOutSet) -> float:
+    """A BertForMaskedLM's loss on the held-apart batches, weighted by their masked tokens as the RetroMAE encoder's is."""
+    total = count = 0
+    for batch in held_out.batches:
+        masked = int((batch["encoder_labels"] != -100).sum())
+        total += step_losses(model, "mlm", batch)[1] * masked
+        count += masked
+    return total / count
 
 
 def save_encoder(folder: Path, config: RetroMAEConfig, weights: dict, tokenizer, record: dict) -> Path:

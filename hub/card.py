@@ -12,6 +12,7 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from ..diagnostics import LABELS
 from ..errors import UsageError, is_hub_id
 from ..model_folder import public_name
 from ..modeling_retromae import builds_pooler
@@ -99,6 +100,7 @@ def model_card(
         "base_model_sentence": f"It starts from [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
         "pretraining_table": pretraining_table(pretraining),
         "evaluation_table": evaluation_table(evaluations, sparse),
+        "training_evaluation": training_evaluation_section(pretraining.get("training_evaluation")),
         "citation": f"{CITATION}\n\n{SPLADE_CITATION}" if sparse else CITATION,
         "sparse": sparse,
         "model_type": encoder["model_type"],
@@ -165,6 +167,28 @@ def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
         "the ranking (through `pytrec_eval`), as BEIR and MTEB do (`retromae evaluate`)."
     )
     return "\n".join(header + rows) + note
+
+
+def training_evaluation_section(evaluation: dict | None) -> str:
+    """The held-out evaluations of pre-training: the picture (where the release has it) and the first and last evaluation."""
+    if not evaluation:
+        return "Not recorded: the run held out no passages (`retromae pretrain --eval-data` or `--eval-split` evaluates on some)."
+    first, last = evaluation["first"], evaluation["last"]
+    picture = [f"![Held-out evaluation during pre-training]({evaluation['picture']})", ""] if evaluation.get("picture") else []
+    rows = [f"| {label} | {first[key]:.4f} | {last[key]:.4f} |" for key, label in LABELS.items() if key in first and key in last]
+    return "\n".join(
+        [
+            *picture,
+            f"{evaluation['passages']} passages held out of pre-training, with the same masks at every evaluation "
+            f"({evaluation['evaluations']} evaluations). Embedding information is the decoder's loss with another "
+            "passage's sentence embedding minus with its own: what the embedding tells the decoder. Span retrieval finds "
+            "each passage's second half from its first half's embedding among all second halves.",
+            "",
+            f"| held-out figure | step {first['step']} (start) | step {last['step']} (end) |",
+            "|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def check_template_fields(template: Path, fields: dict) -> None:

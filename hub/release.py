@@ -26,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from sentence_transformers import SentenceTransformer, SparseEncoder
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..diagnostics import CURVES_FILE
 from ..errors import UsageError, loading
 from ..model_folder import (
     PRETRAINING_FILE,
@@ -74,6 +75,8 @@ def release(
     source = check_model_folder(Path(model_dir))
     pretraining_file = source / PRETRAINING_FILE
     pretraining = public_record(json.loads(pretraining_file.read_text())) if pretraining_file.is_file() else None
+    if pretraining and pretraining.get("training_evaluation") and not (source / CURVES_FILE).is_file():
+        pretraining["training_evaluation"] = pretraining["training_evaluation"] | {"picture": None}  # the folder lost its picture
     encoder = encoder_config_dict(json.loads((source / "config.json").read_text()))
     sparse = is_sparse_folder(source)
     card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse)
@@ -141,6 +144,8 @@ def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) ->
     write_model_files(folder, encoder, AutoTokenizer.from_pretrained(source), pretraining)
     if (source / "modules.json").is_file():
         copy_sentence_transformers_pipeline(source, folder)
+    if (source / CURVES_FILE).is_file():
+        shutil.copyfile(source / CURVES_FILE, folder / CURVES_FILE)
     (folder / "README.md").write_text(card)
 
 

@@ -71,10 +71,10 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(MINILM_PATH)
 
 
-@pytest.fixture
-def tiny_config(tokenizer) -> RetroMAEConfig:
+def tiny_retromae_config(vocab_size: int) -> RetroMAEConfig:
+    """A 2-layer, 32-wide RetroMAE config without dropout, for a vocabulary of `vocab_size`."""
     return RetroMAEConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -83,6 +83,11 @@ def tiny_config(tokenizer) -> RetroMAEConfig:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+
+
+@pytest.fixture
+def tiny_config(tokenizer) -> RetroMAEConfig:
+    return tiny_retromae_config(len(tokenizer))
 
 
 @pytest.fixture
