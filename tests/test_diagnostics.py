@@ -302,3 +302,11 @@ def test_plot_without_evaluations_says_so(tmp_path, capsys, contents):
     error = capsys.readouterr().err
     assert f"{tmp_path / 'metrics.jsonl'} {'does not exist' if contents is None else 'is empty'}" in error
     assert "--eval-data or --eval-split" in error
+
+
+@pytest.mark.parametrize("flag, value, message", [("--eval-size", "8", "must be at least 16, got 8"), ("--eval-steps", "0", "must be at least 1, got 0")])
+def test_evaluation_numbers_out_of_range_are_refused_when_the_command_is_read(corpus, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit:
+        main(tiny_run(corpus, tmp_path / "run", "--eval-split", "0.2", flag, value))
+    assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
