@@ -16,6 +16,7 @@ steadier measure.
 import argparse
 import json
 import statistics
+import sys
 import time
 from itertools import islice
 
@@ -91,7 +92,7 @@ def main() -> None:
         for index, clock in enumerate(("wall_seconds", "cpu_seconds"))
     }
     report = {
-        "command": "python benchmarks/benchmark_diagnostics.py" + (" --smoke" if options.smoke else ""),
+        "command": " ".join(["python", *sys.argv]),
         "machine": f"{hardware(torch.device('cpu'))}, torch {torch.__version__}",
         "settings": {name: getattr(args, name) for name in ("max_steps", "batch_size", "max_length", "eval_split", "eval_size", "eval_steps")},
         "held_out_passages": len(held_out),
