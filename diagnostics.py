@@ -255,7 +255,7 @@ def padded(collator: RetroMAECollator, sequences: list[list[int]]) -> tuple[torc
 
 
 @torch.no_grad()
-def evaluate(model: RetroMAEForPreTraining, held_out: HeldOutSet) -> dict[str, float]:
+def evaluate_held_out(model: RetroMAEForPreTraining, held_out: HeldOutSet) -> dict[str, float]:
     """Every figure of the module docstring for `model` on `held_out`, with dropout off; the model's mode is restored."""
     training = model.training
     model.eval()
@@ -485,7 +485,7 @@ class HeldOutEvaluation:
         if (self.is_world_process_zero() or self.is_fsdp_enabled or self.is_deepspeed_enabled) and not recorded:
             started = time.perf_counter()
             with self.autocast_smart_context_manager():
-                figures = evaluate(self.model, held_out)
+                figures = evaluate_held_out(self.model, held_out)
             figures |= {"passages": len(held_out), "seconds": round(time.perf_counter() - started, 2)}
             if self.is_world_process_zero():
                 metrics.append({"step": step, **figures})

@@ -3,7 +3,7 @@
 The demo trains all-MiniLM-L6-v2 for 100 steps of 16 passages of 128 tokens, and evaluates twice
 (step 0 and step 100) on its held-out passages. This builds the demo's model, collator and
 held-out set exactly as `retromae pretrain` does, then times, on the same machine in the same
-process: building the held-out set, one evaluation (`retromae.diagnostics.evaluate`), and one
+process: building the held-out set, one evaluation (`retromae.diagnostics.evaluate_held_out`), and one
 training step (forward, backward, gradient clipping, AdamW) on demo batches. The overhead of the
 demo is (building + evaluations x one evaluation) / (steps x one step). Both wall-clock and
 process CPU time are reported (medians over --repeats): on a shared machine the CPU time is the
@@ -24,7 +24,7 @@ import torch
 
 from retromae.cli import build_parser
 from retromae.collator import RetroMAECollator
-from retromae.diagnostics import evaluate, held_out_set
+from retromae.diagnostics import evaluate_held_out, held_out_set
 from retromae.pretrain import build_model_and_tokenizer, check_arguments, hardware, resolve_defaults, training_passages
 
 
@@ -83,8 +83,8 @@ def main() -> None:
     model.train()
     step()  # warm-up
     one_step = median_times(step, repeats)
-    evaluate(model, held_out)  # warm-up
-    one_evaluation = median_times(lambda: evaluate(model, held_out), repeats)
+    evaluate_held_out(model, held_out)  # warm-up
+    one_evaluation = median_times(lambda: evaluate_held_out(model, held_out), repeats)
 
     evaluations = 2  # step 0 and the last step (the demo's --eval-steps, the save interval, exceeds its steps)
     overhead = {

@@ -59,7 +59,7 @@ from transformers.utils import logging
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
 from retromae import finetune
 from retromae.data import Article, demo_articles
-from retromae.diagnostics import HeldOutSet, evaluate, first_passages
+from retromae.diagnostics import HeldOutSet, evaluate_held_out, first_passages
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
 from retromae.model_folder import save_atomically, write_model_files
 from retromae.pretrain import hardware, load_tokenizer
@@ -275,7 +275,7 @@ def probe(model: torch.nn.Module, setup: tuple, tokenizer, passages: list[str], 
     held_out = HeldOutSet.from_passages(first_passages(passages, cut, len(passages), collator), collator, args.batch_size, seed=0)
     if objective == "mlm":
         return {"encoder_loss": mlm_loss(model, held_out)}
-    figures = evaluate(model, held_out)
+    figures = evaluate_held_out(model, held_out)
     return {
         "encoder_loss": figures["encoder_loss"],
         "decoder_loss_own_embedding": figures["decoder_loss"],

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, BertModel, BertTokenizerFast, TrainerCal
 
 from retromae import RetroMAECollator, RetroMAEForPreTraining, diagnostics, pretrain
 from retromae.cli import build_parser, main
-from retromae.diagnostics import HeldOutSet, evaluate, span_retrieval
+from retromae.diagnostics import HeldOutSet, evaluate_held_out, span_retrieval
 from retromae.hub import release
 
 from conftest import tiny_retromae_config
@@ -173,16 +173,16 @@ class BlindDecoder(RetroMAEForPreTraining):
 def test_embedding_information_is_zero_for_a_decoder_without_access_to_the_embedding(words_config, held_out):
     model = BlindDecoder(words_config)
     train_on_the_held_out_batch(model, held_out, steps=40)
-    figures = evaluate(model, held_out)
+    figures = evaluate_held_out(model, held_out)
     assert figures["embedding_information"] == 0.0
     assert figures["decoder_loss"] > 0
 
 
 def test_embedding_information_rises_when_the_decoder_learns_from_the_embedding(words_config, held_out):
     model = RetroMAEForPreTraining(words_config)
-    before = evaluate(model, held_out)
+    before = evaluate_held_out(model, held_out)
     train_on_the_held_out_batch(model, held_out, steps=40)
-    after = evaluate(model, held_out)
+    after = evaluate_held_out(model, held_out)
     assert abs(before["embedding_information"]) < 0.01 and after["embedding_information"] > 0.2
     assert after["decoder_loss"] < before["decoder_loss"] and after["decoder_accuracy"] > before["decoder_accuracy"]
 
@@ -197,7 +197,7 @@ def train_on_the_held_out_batch(model, held_out, steps):
 
 def test_held_out_losses_are_the_models_own(words_config, held_out):
     model = RetroMAEForPreTraining(words_config).eval()
-    figures = evaluate(model, held_out)  # one batch: the token-weighted loss is the batch's
+    figures = evaluate_held_out(model, held_out)  # one batch: the token-weighted loss is the batch's
     with torch.no_grad():
         output = model(**held_out.batches[0])
     assert figures["encoder_loss"] == pytest.approx(output.encoder_loss.item(), rel=1e-5)
