@@ -179,12 +179,12 @@ def training_evaluation_section(evaluation: dict | None) -> str:
     return "\n".join(
         [
             *picture,
-            f"{evaluation['passages']} passages held out of pre-training, with the same masks at every evaluation "
+            f"Evaluated during pre-training on {evaluation['passages']} held-out passages, with the same masks every time "
             f"({evaluation['evaluations']} evaluations). Embedding information is the decoder's loss with another "
             "passage's sentence embedding minus with its own: what the embedding tells the decoder. Span retrieval finds "
             "each passage's second half from its first half's embedding among all second halves.",
             "",
-            f"| held-out figure | step {first['step']} (start) | step {last['step']} (end) |",
+            f"| held-out figure | step {first['step']} | step {last['step']} |",
             "|---|---|---|",
             *rows,
         ]
