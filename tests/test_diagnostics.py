@@ -221,6 +221,23 @@ def test_eval_split_holds_records_out_of_training(tokenizer):
     assert {record["text"] for record in stream} == trained
 
 
+@pytest.mark.parametrize("passages", ["split", "truncate"])
+def test_held_out_records_are_cut_into_passages_as_training_cuts_them(tmp_path, words_tokenizer, passages):
+    record = " ".join(CORPUS)  # one long record: 40 sentences
+    path = tmp_path / "held_out.txt"
+    path.write_text(record + "\n")
+    args = build_parser().parse_args(["pretrain", "--config", "tiny", "--train-data", str(path), "--eval-data", str(path), "--passages", passages, "--max-length", "32"])
+    pretrain.resolve_defaults(args)
+    collator = RetroMAECollator(words_tokenizer, max_length=32, seed=0)
+    if passages == "truncate":  # the record's first 30 tokens: one passage
+        with pytest.raises(diagnostics.DiagnosticsError, match="gives 1 held-out passages; evaluation needs at least 16"):
+            diagnostics.held_out_set(args, None, words_tokenizer, collator)
+        return
+    held_out = diagnostics.held_out_set(args, None, words_tokenizer, collator)
+    lengths = [int(mask.sum()) - 2 for batch in held_out.batches for mask in batch["encoder_attention_mask"]]
+    assert max(lengths) <= 30 and sum(lengths) == len(words_tokenizer(record, add_special_tokens=False)["input_ids"])
+
+
 # A broken run.
 
 
