@@ -59,10 +59,7 @@ def main() -> None:
     resolve_defaults(args)
     check_arguments(args)
     model, tokenizer = build_model_and_tokenizer(args)
-    collator = RetroMAECollator(
-        tokenizer, args.encoder_mask_ratio, args.decoder_mask_ratio, max_length=args.max_length, seed=args.seed,
-        enhanced_decoding=args.enhanced_decoding, decoder_mask_patterns=args.decoder_mask_patterns,
-    )  # fmt: skip
+    collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
     held_out_set(args, None, tokenizer, collator)  # reads the demo corpus once (cached), so building is timed alone
     start = clocks()
     held_out = held_out_set(args, None, tokenizer, collator)
