@@ -1,4 +1,4 @@
-"""RetroMAELoss inside SentenceTransformerTrainer: the same loss as RetroMAEForPreTraining, checkpoints, resume, the README example."""
+"""RetroMAELoss inside SentenceTransformerTrainer: the same loss as RetroMAEForPreTraining, checkpoints, resume, the example of docs/sentence-transformers.md."""
 
 import os
 import re
@@ -19,7 +19,7 @@ from retromae.losses import LOSS_FOLDER
 from families import CORPUS, FAMILIES, build_checkpoint
 from test_pretrain import CrashAfter
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "sentence-transformers.md"
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +158,16 @@ def test_resuming_from_a_checkpoint_without_the_decoder_is_an_error(checkpoints,
         train(checkpoints / "bert", tmp_path / "run", max_steps=4, resume=True)
 
 
-def readme_example() -> str:
-    text = README.read_text()
-    return re.search(r"<!-- loss example -->\n```python\n(.*?)```", text, re.DOTALL).group(1)
+def loss_example() -> str:
+    """The docs' Python block that trains with `RetroMAELoss`."""
+    blocks = re.findall(r"```python\n(.*?)```", EXAMPLE_PAGE.read_text(), re.DOTALL)
+    return next(block for block in blocks if "RetroMAELoss(model" in block)
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs_as_written_against_a_local_model(checkpoints, tmp_path):
-    """The README's example, with its Hub checkpoint replaced by a local one; the saved model loads with no flag, CLS-pooled."""
-    code = readme_example()
+def test_the_docs_example_runs_as_written_against_a_local_model(checkpoints, tmp_path):
+    """The docs' example, with its Hub checkpoint replaced by a local one; the saved model loads with no flag, CLS-pooled."""
+    code = loss_example()
     hub_id = re.search(r'checkpoint = "([^"]+)"', code).group(1)
     code = code.replace(f'"{hub_id}"', repr(str(checkpoints / "bert"))).replace("max_steps=1000", "max_steps=3").replace("save_steps=500", "save_steps=2")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=600)
