@@ -119,8 +119,8 @@ def world(tmp_path_factory) -> Path:
     return world
 
 
-def run_pages(world: Path, folder: Path, chosen) -> dict[str, list[dict]]:
-    """Run the chosen blocks of every page, each page in a folder of its own holding the stand-ins; results by page."""
+def run_pages(world: Path, folder: Path, chosen) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Run the chosen blocks of every page, each page in a folder of its own holding the stand-ins: (blocks, results) by page."""
     stand_ins = {family: world / "hub" / family for family in STAND_INS}
     plan = []
     for page in PAGES:
@@ -141,7 +141,8 @@ def run_pages(world: Path, folder: Path, chosen) -> dict[str, list[dict]]:
         [sys.executable, str(ROOT / "tests" / "doc_blocks.py"), str(folder / "plan.json"), str(folder / "results.json")],
         check=True, timeout=1800,
     )
-    return {page["page"]: page for page in plan} | {"results": json.loads((folder / "results.json").read_text())}
+    results = json.loads((folder / "results.json").read_text())
+    return {page["page"]: (page["blocks"], results[page["page"]]) for page in plan}
 
 
 @pytest.fixture(scope="session")
@@ -150,8 +151,7 @@ def quick_pages(world, tmp_path_factory) -> dict:
 
 
 def assert_every_block_ran(run: dict, page: str) -> None:
-    planned = run[page]["blocks"]
-    results = run["results"][page]
+    planned, results = run[page]
     failed = [result for result in results if result["error"]]
     assert not failed, f"{page}:{failed[0]['line']}: {failed[0]['error']}"
     assert [result["line"] for result in results] == [block["line"] for block in planned]
@@ -166,7 +166,7 @@ def test_every_code_block_of_the_page_runs(quick_pages, page):
 @pytest.mark.slow
 def test_every_slow_code_block_runs(world, tmp_path):
     run = run_pages(world, tmp_path, slow)
-    for page in run["results"]:
+    for page in run:
         assert_every_block_ran(run, page)
 
 
