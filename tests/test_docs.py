@@ -1,8 +1,9 @@
 """Words that cannot drift: every ```python and ```bash block of README.md and docs/*.md runs, and the model card says only what the code does.
 
 A block runs as written, in a folder of its page shared by the page's blocks (in order), which holds local
-stand-ins under the names the pages use: `corpus.txt`, `corpus.jsonl`, `corpus/`, `pairs.jsonl`, `scifact/` (a
-BEIR folder) and `retromae-output/model` (a release of a tiny BERT made by `retromae pretrain`). A comment line
+stand-ins under the names the pages use: `corpus.txt`, `corpus.jsonl`, `corpus.jsonl.gz`, `corpus/`, `shards/`
+(parquet), `saved/` (`save_to_disk`), `pairs.jsonl`, `scifact/` (a BEIR folder) and `retromae-output/model` (a
+release of a tiny BERT made by `retromae pretrain`); see docs/design.md. A comment line
 right before a block adapts it to a test machine with no GPU and no network, one directive a line:
 
     <!-- test:
