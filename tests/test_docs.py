@@ -196,6 +196,11 @@ def test_only_the_readme_install_commands_are_not_run_and_ci_runs_them():
         assert any(expected.fullmatch(line) for line in ci), f".ci/run does not run the README's `{step}`"
 
 
+def test_the_readme_names_the_torch_version_pyproject_requires():
+    floor = re.search(r'"torch(>=[0-9.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert f"`torch{floor}` is required" in (ROOT / "README.md").read_text()
+
+
 def release_card() -> str:
     report = {"data": "scifact", "split": "test", "queries": 5, "documents": 50, "ndcg@10": 0.5, "mrr@10": 0.5, "recall@100": 1.0}
     return str(model_card("org/name", pretraining={"base_model": "bert-base-uncased"}, evaluations=[report]))
