@@ -1,7 +1,7 @@
 """Words that cannot drift: every ```python and ```bash block of README.md and docs/*.md runs, and the model card says only what the code does.
 
 A block runs as written, in a folder of its page shared by the page's blocks (in order), which holds local
-stand-ins under the names the pages use: `corpus.txt`, `corpus.jsonl`, `corpus.jsonl.gz`, `corpus/`, `shards/`
+stand-ins under the names the pages use: `corpus.txt`, `corpus.jsonl`, `held_out.jsonl`, `corpus.jsonl.gz`, `corpus/`, `shards/`
 (parquet), `saved/` (`save_to_disk`), `pairs.jsonl`, `scifact/` (a BEIR folder) and `retromae-output/model` (a
 release of a tiny BERT made by `retromae pretrain`); see docs/design.md. A comment line
 right before a block adapts it to a test machine with no GPU and no network, one directive a line:
@@ -99,6 +99,7 @@ def world(tmp_path_factory) -> Path:
     (files / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in CORPUS))
     for part in range(2):
         (files / "corpus" / f"part-{part}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in CORPUS[part::2]))
+    (files / "held_out.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in CORPUS[::2]))
     (files / "corpus.jsonl.gz").write_bytes(gzip.compress((files / "corpus.jsonl").read_bytes()))
     (files / "shards").mkdir()
     for part in range(2):
