@@ -16,6 +16,9 @@ right before a block adapts it to a test machine with no GPU and no network, one
   one: `{bert}` (512), `{xlm-roberta}` (8,192 tokens, as BAAI/bge-m3-retromae), `{modernbert}` (8,192).
 - `slow` runs the block only under `-m slow` (it runs its own processes for minutes: benchmarks, torchrun).
 - `not run: REASON` is for the README's install commands only; `.ci/run` runs them, which the test checks.
+- `checked by TESTFILE::TEST: REASON` is for launch commands that need several GPUs or nodes, or DeepSpeed (not in
+  the test extra): the named test, which must exist and read the page, parses them with the launcher's own parser
+  and checks what reaches the engine.
 
 ```text and ```bibtex blocks show output and are not run; a block of any other language is refused.
 """
@@ -80,7 +83,11 @@ def slow(block: dict) -> bool:
 
 
 def not_run(block: dict) -> bool:
-    return any(directive.startswith("not run:") for directive in block["directives"])
+    return any(directive.startswith(("not run:", "checked by ")) for directive in block["directives"])
+
+
+def checked_by(block: dict) -> list[str]:
+    return [directive.removeprefix("checked by ").split(":", 2)[:3] for directive in block["directives"] if directive.startswith("checked by ")]
 
 
 @pytest.fixture(scope="session")
@@ -178,14 +185,14 @@ def test_every_block_is_run_or_shows_output(page):
     for block in blocks(page):
         assert block["language"] in RUN | SHOWN, f"{page.name}:{block['line']}: a ```{block['language']} block is neither run nor output"
         for directive in block["directives"]:
-            assert directive == "slow" or directive.startswith(("substitute ", "not run:")), f"{page.name}:{block['line']}: unknown directive {directive!r}"
+            assert directive == "slow" or directive.startswith(("substitute ", "not run:", "checked by ")), f"{page.name}:{block['line']}: unknown directive {directive!r}"
     outside_fences = BLOCK.sub("", page.read_text())
     assert not re.search(r"\n\n {4,}\S", outside_fences), f"{page.name}: an indented code block is not run; fence it"
 
 
 def test_only_the_readme_install_commands_are_not_run_and_ci_runs_them():
     """The README's two commands install from scratch; `.ci/run` runs them, the test command included, in a fresh virtual environment."""
-    unrun = [(page, block) for page in PAGES for block in blocks(page) if not_run(block)]
+    unrun = [(page, block) for page in PAGES for block in blocks(page) if not_run(block) and not checked_by(block)]
     assert [page for page, _ in unrun] == [ROOT / "README.md"]
     lines = unrun[0][1]["code"].splitlines()
     assert lines[1] == 'pip install torch==2.13.0 && pip install -e ".[demo]" && retromae pretrain'
@@ -223,3 +230,13 @@ def test_no_tool_is_named_that_no_test_runs(words):
     text = {"card": release_card, "template": lambda: (ROOT / "hub" / "model_card_template.md").read_text()}.get(words, lambda: (ROOT / words).read_text())()
     named = [tool for tool in UNTESTED_TOOLS if re.search(rf"(?<![\w-]){re.escape(tool)}(?![\w-])", text)]
     assert not named, f"{words} names {named}, which no test runs"
+
+
+def test_blocks_checked_by_another_test_name_a_test_that_reads_their_page():
+    """A launch command that cannot run on this machine is parsed and checked by a named test of the page."""
+    checked = [(page, block, target) for page in PAGES for block in blocks(page) for target in checked_by(block)]
+    assert checked
+    for page, block, (path, _, name) in checked:
+        source = (ROOT / path).read_text()
+        assert f"def {name.split(':')[0]}(" in source, f"{page.name}:{block['line']}: no test {name} in {path}"
+        assert page.name in source, f"{page.name}:{block['line']}: {path} does not read {page.name}"
