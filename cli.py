@@ -19,49 +19,51 @@ from .hub.card import TEMPLATE
 FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA"
 
 
+def add_command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand with its defaults shown in --help, and --debug."""
+    command = commands.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    command.add_argument("--debug", action="store_true", help="On an error, show the full traceback instead of one line.")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retromae",
         description=f"RetroMAE: retrieval-oriented pre-training of masked-LM encoders ({FAMILIES}) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="On an error, show the full traceback instead of one line.")
-    pretraining = commands.add_parser(
+    pretraining = add_command(
+        commands,
         "pretrain",
-        parents=[common],
         help="pre-train or domain-adapt an encoder with RetroMAE",
         description=f"Pre-train a masked-LM encoder ({FAMILIES}) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
         "runs the embedded demo: all-MiniLM-L6-v2 on an English Wikipedia excerpt, a few minutes on 2 CPU cores. "
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pretrain.add_arguments(pretraining)
     pretraining.set_defaults(handler=run_pretrain)
 
-    finetuning = commands.add_parser(
+    finetuning = add_command(
+        commands,
         "finetune",
-        parents=[common],
         help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
         description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
         "the sentence-transformers Trainer, as in the paper's fine-tuning. The result, OUTPUT_DIR/model, is a checkpoint "
         "of the encoder's family that SentenceTransformer and AutoModel load as they are, with RetroMAE's code as an opt-in "
         "(trust_remote_code=True).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     finetune.add_arguments(finetuning)
     finetuning.set_defaults(handler=run_finetune)
 
-    evaluation = commands.add_parser(
+    evaluation = add_command(
+        commands,
         "evaluate",
-        parents=[common],
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
         description="Embed a BEIR-format folder's corpus and queries with a model, rank the documents by the model's "
         "similarity and report nDCG@10, MRR@10 and Recall@100 (trec_eval's, through pytrec_eval), printed and written as JSON. Any "
         "SentenceTransformer-loadable model works, so a RetroMAE model and a baseline compare with the same command; "
         "a bare encoder or RetroMAE folder is embedded by its first-token state.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluation.add_argument("model", nargs="+", metavar="MODEL", help="Model folder or Hub id; with --hybrid, the dense model then the sparse one.")
     evaluation.add_argument("data", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
@@ -82,15 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overwrite", action="store_true", help="Replace an --output file that exists.")
     evaluation.set_defaults(handler=run_evaluate)
 
-    releasing = commands.add_parser(
+    releasing = add_command(
+        commands,
         "release",
-        parents=[common],
         help="publish a trained model as a complete Hub repository (one commit)",
         description="Assemble a Hub repository from a RetroMAE model folder (weights, config with auto_map, both code "
         "files, tokenizer, sentence-transformers files and a model card with the run's settings and any evaluation), "
         "load it back with AutoModel and SentenceTransformer and compare it with the source, then upload it in one "
         "commit and print the commit URL. Needs a token (`hf auth login` or HF_TOKEN) unless --dry-run is given.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     releasing.add_argument("model_dir", metavar="MODEL_DIR", help="The model folder (e.g. OUTPUT_DIR/model of a pretrain or finetune run).")
     releasing.add_argument("--repo-id", required=True, help="Hub repository, 'org/name'; created when it does not exist.")
@@ -106,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     releasing.add_argument("--commit-message", help="Commit message. Default: 'Release REPO_ID (retromae)'.")
     releasing.set_defaults(handler=run_release)
 
-    converting = commands.add_parser(
+    converting = add_command(
+        commands,
         "convert",
-        parents=[common],
         help="turn a checkpoint (e.g. the authors' RetroMAE) into a release folder, or back (--plain)",
         description="Convert a checkpoint of a supported family, ...ForMaskedLM or base-model layout (a folder or Hub "
         "id, such as the authors' Shitao/RetroMAE, Shitao/RetroMAE_MSMARCO or BAAI/bge-m3-retromae), or a RetroMAE "
@@ -116,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
         "family's config pointing the encoder classes at RetroMAE's code, sentence-transformers files. With --plain, "
         "write the family's own ...ForMaskedLM folder with no remote code at all. Either way the written folder, "
         "loaded with the family's own AutoModel, is checked to give the encoder's hidden states.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     converting.add_argument("source", metavar="SRC", help="Checkpoint folder or Hub id.")
     converting.add_argument("destination", metavar="DST", help="Folder to write (new or empty; written atomically).")
@@ -132,26 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     converting.set_defaults(handler=run_convert)
 
-    planning = commands.add_parser(
+    planning = add_command(
+        commands,
         "plan",
-        parents=[common],
         help="peak memory per GPU of a pre-training job under DDP, ZeRO-1/2/3 and FSDP, and the largest batch that fits",
         description="Count, by formula, the peak memory per GPU of RetroMAE pre-training (weights, gradients, optimiser "
         "state, activations of the encoder, the decoder's blocks and the chunked MLM head) under DDP, DeepSpeed ZeRO-1/2/3 "
         "and FSDP2, with and without gradient checkpointing, and the largest batch per GPU that fits. Nothing is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     plan.add_arguments(planning)
     planning.set_defaults(handler=run_plan)
 
-    plotting = commands.add_parser(
+    plotting = add_command(
+        commands,
         "plot",
-        parents=[common],
         help="draw a pre-training run's held-out evaluations (from OUTPUT_DIR/metrics.jsonl)",
         description="Draw the training curves of a `retromae pretrain` run from its metrics.jsonl: held-out losses, "
         "accuracies, embedding information and span retrieval against steps, the first evaluation as a baseline. "
         "For a run cut short, or one still going; a finished run has the picture in OUTPUT_DIR/model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     plotting.add_argument("run_dir", metavar="RUN_DIR", help="The run's --output-dir (it holds metrics.jsonl).")
     plotting.add_argument("--output", help=f"Where the PNG is written. Default: RUN_DIR/{CURVES_FILE}.")
