@@ -19,7 +19,9 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_retromae.RetroMAECheckpointMaskedLM",
     "AutoModelForPreTraining": "modeling_retromae.RetroMAEForPreTraining",
 }
-RETROMAE_FIELDS = ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding", "decoder_mask_patterns")
+RETROMAE_FIELDS = ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "enhanced_decoding", "decoder_mask_patterns", "objective", "bow_loss_weight")
+# `retromae` is the paper's objective; `dupmae` adds RetroMAE v2's bag-of-words objective (Xiao et al., ACL 2023).
+OBJECTIVES = ("retromae", "dupmae")
 # What each numeric setting allows, in words and as a test; the config, the collator and the CLI all check with it.
 SETTING_RULES = {
     "encoder_mask_ratio": ("must lie strictly between 0 and 1", lambda value: 0.0 < value < 1.0),
@@ -77,6 +79,15 @@ class RetroMAEConfig(PreTrainedConfig):
             Whole-word patterns the collator draws per example for the enhanced-decoding mask: every
             row has its own up to this many tokens; in longer sequences each row takes one of them
             at random, as the authors' code does (with 256).
+        objective (`str`, *optional*, defaults to `"retromae"`):
+            `"retromae"`, the paper's loss `L_enc + L_dec`; or `"dupmae"`, RetroMAE v2 (DupMAE, Xiao et al.,
+            ACL 2023, the authors' `modeling_duplex.py`): `L_enc + L_dec + bow_loss_weight x L_bow`, where
+            `L_bow` trains the maximum over positions of the encoder's MLM scores to predict the passage's bag
+            of words, and the decoder's query stream is `h_X` sent through the encoder's embeddings module.
+            DupMAE needs enhanced decoding, and an encoder whose embeddings are as wide as its hidden states
+            (the query stream feeds `h_X` to the embeddings module).
+        bow_loss_weight (`float`, *optional*, defaults to 0.1):
+            The weight of DupMAE's bag-of-words loss (the authors' default); at least 0. Read only by `"dupmae"`.
 
     Example:
 
@@ -98,6 +109,8 @@ class RetroMAEConfig(PreTrainedConfig):
     num_decoder_layers: int = 1
     enhanced_decoding: bool = True
     decoder_mask_patterns: int = 256
+    objective: str = "retromae"
+    bow_loss_weight: float = 0.1
 
     def __post_init__(self, **kwargs):
         if self.encoder is None:
@@ -118,6 +131,24 @@ class RetroMAEConfig(PreTrainedConfig):
         width, heads = self.encoder.hidden_size, self.encoder.num_attention_heads
         if width % heads != 0:
             raise ValueError(f"hidden_size ({width}) must be divisible by num_attention_heads ({heads}).")
+        self._check_objective()
+
+    def _check_objective(self):
+        """Raise `ValueError` naming the field when the objective cannot be trained as configured."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        if not self.bow_loss_weight >= 0.0:
+            raise ValueError(f"bow_loss_weight must be at least 0, got {self.bow_loss_weight!r}.")
+        if self.objective != "dupmae":
+            return
+        if not self.enhanced_decoding:
+            raise ValueError("objective='dupmae' needs enhanced_decoding=True: DupMAE's query stream is enhanced decoding's.")
+        embedding_size = getattr(self.encoder, "embedding_size", None) or self.encoder.hidden_size
+        if embedding_size != self.encoder.hidden_size:
+            raise ValueError(
+                f"objective='dupmae' sends h_X (hidden_size {self.encoder.hidden_size}) through the encoder's embeddings, "
+                f"which take embedding_size {embedding_size}: factorised embeddings are not supported."
+            )
 
 
 def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: dict) -> dict:
@@ -134,4 +165,4 @@ def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: d
 
 RetroMAEConfig.register_for_auto_class()
 
-__all__ = ["RETROMAE_FIELDS", "RetroMAEConfig", "check_settings", "release_config_dict", "setting_problem"]
+__all__ = ["OBJECTIVES", "RETROMAE_FIELDS", "RetroMAEConfig", "check_settings", "release_config_dict", "setting_problem"]

@@ -17,6 +17,13 @@ One pre-training step, in the order of the paper and of this file:
 5. The family's MLM head, shared with the encoder, rebuilds every original token from the
    decoder's output (`decoder_loss`). The loss is `encoder_loss + decoder_loss`.
 
+RetroMAE v2, DupMAE (Xiao, Liu, Shao, Cao, ACL 2023; the authors' `modeling_duplex.py`), is the
+option `objective="dupmae"`: the query stream is `h_X` sent through the encoder's embeddings
+module, and a third loss (`bow_loss`) trains the maximum over positions of the encoder's MLM
+scores to predict the passage's bag of words. The loss is
+`encoder_loss + decoder_loss + bow_loss_weight * bow_loss`. The maximum is taken a chunk of
+positions at a time (`LinearMaxOverPositions`), so no (batch, seq, vocabulary) scores exist.
+
 What differs between encoder families (where the MLM head is, how positions are numbered) lives
 in one table, `ENCODER_FAMILIES`. Families without an absolute position table (ModernBERT:
 rotary; DeBERTa-v3: relative) have no `p_i` to add; for them the decoder rotates its queries
@@ -233,7 +240,7 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`):
-            `encoder_loss + decoder_loss`, the RetroMAE objective.
+            `encoder_loss + decoder_loss`, the RetroMAE objective; DupMAE adds `bow_loss_weight * bow_loss`.
         encoder_loss (`torch.FloatTensor` of shape `()`):
             Masked language modelling loss of the encoder on its moderately masked input.
         decoder_loss (`torch.FloatTensor` of shape `()`):
@@ -244,6 +251,8 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
             MLM head scores on the encoder output, only with `return_logits=True`.
         decoder_logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`, *optional*):
             MLM head scores on the decoder output, only with `return_logits=True`.
+        bow_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            DupMAE's bag-of-words loss, unweighted (`objective="dupmae"` only; `None` for RetroMAE).
     """
 
     loss: torch.FloatTensor | None = None
@@ -252,6 +261,7 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
     sentence_embedding: torch.FloatTensor | None = None
     encoder_logits: torch.FloatTensor | None = None
     decoder_logits: torch.FloatTensor | None = None
+    bow_loss: torch.FloatTensor | None = None
 
 
 def write_sentence_transformers_files(folder: str | os.PathLike, config: PreTrainedConfig) -> None:
@@ -414,6 +424,8 @@ UINT32 = 0xFFFFFFFF
 DECODER_BLOCK_SCORES = 2**25
 # Elements of (labelled rows, vocabulary) logits made at a time (128 MiB in float32).
 LOGITS_CHUNK = 2**25
+# What DupMAE's maximum over positions adds to the scores at padding (the authors' -1000).
+PADDING_SCORE = -1000.0
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -811,7 +823,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         return_logits: bool = False,
     ) -> RetroMAEForPreTrainingOutput:
         """
-        Compute the RetroMAE loss for one batch.
+        Compute the RetroMAE (or, with `config.objective="dupmae"`, the DupMAE) loss for one batch.
 
         The enhanced-decoding mask comes as its description (`decoder_word_ids`, the words of the
         maskable tokens; `decoder_mask_seeds`, one seed per example; `decoder_mask_budget`, the
@@ -835,20 +847,29 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         mask = EnhancedDecodingMask(encoder_attention_mask, *(description if self.config.enhanced_decoding else ()))
         decoded = self.decode(sentence_embedding, decoder_input_ids, mask)
         decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
+        loss = encoder_loss + decoder_loss
+
+        bow_loss = None
+        if self.config.objective == "dupmae":
+            bow_loss = self.bag_of_words_loss(encoder_states, encoder_attention_mask, decoder_labels)
+            loss = loss + self.config.bow_loss_weight * bow_loss
 
         return RetroMAEForPreTrainingOutput(
-            loss=encoder_loss + decoder_loss,
+            loss=loss,
             encoder_loss=encoder_loss,
             decoder_loss=decoder_loss,
             sentence_embedding=sentence_embedding,
             encoder_logits=self.mlm_head(encoder_states) if return_logits else None,
             decoder_logits=self.mlm_head(decoded) if return_logits else None,
+            bow_loss=bow_loss,
         )
 
     def decode(self, sentence_embedding: torch.Tensor, decoder_input_ids: torch.LongTensor, mask: EnhancedDecodingMask) -> torch.Tensor:
         """The decoder's final states: the sentence rebuilt from `h_X` and the decoder's inputs (Eq. 6-8)."""
         content_stream = self.content_stream(sentence_embedding, decoder_input_ids)
-        if self.config.enhanced_decoding:
+        if self.config.objective == "dupmae":
+            query_stream = self.embedded_query_stream(sentence_embedding, decoder_input_ids.shape[1])
+        elif self.config.enhanced_decoding:
             query_stream = self.query_stream(sentence_embedding, decoder_input_ids.shape[1])
         else:
             query_stream = content_stream  # the ablation: self-attention over the masked copy
@@ -869,6 +890,18 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         first = self.family.position_offset(self.config.encoder)
         positions = table(torch.arange(first, first + seq_length, device=sentence_embedding.device))  # (seq, embedding)
         return queries + self.to_hidden_width(positions)
+
+    def embedded_query_stream(self, sentence_embedding: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """
+        DupMAE's `H1`: `h_X` at every position sent through the encoder's embeddings module as `inputs_embeds`.
+
+        Each family's module does what it does with `inputs_embeds`: BERT adds the position and
+        token-type embeddings, then LayerNorm and dropout (the authors' `modeling_duplex.py`);
+        RoBERTa numbers the positions from `padding_idx + 1`; ModernBERT and DeBERTa-v3, which
+        have no position table, normalise it and the rotary decoder rotates it by the position.
+        """
+        queries = sentence_embedding[:, None].expand(-1, seq_length, -1)  # (batch, seq, hidden)
+        return self.to_hidden_width(self.encoder.base_model.embeddings(input_ids=None, inputs_embeds=queries))
 
     def content_stream(self, sentence_embedding: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         """`H2`: the encoder's embeddings of the original tokens, position 0 replaced by `h_X` (Eq. 6)."""
@@ -900,6 +933,99 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         weight, bias = self.family.head_output(self.encoder)
         states = self.family.head_transform(self.encoder, hidden_states[labelled])
         return linear_cross_entropy(states, weight, bias, labels[labelled]) / labelled.sum().clamp(min=1)
+
+
+    def bag_of_words_loss(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, decoder_labels: torch.LongTensor) -> torch.Tensor:
+        """
+        DupMAE's bag-of-words loss: cross entropy of the log-softmax of `bag_of_words_scores` against the bag of words.
+
+        The target (`bag_of_words_target`) is read from `decoder_labels`, which hold the passage's
+        original non-special tokens and -100 elsewhere. Mean over the batch.
+        """
+        log_probabilities = self.bag_of_words_scores(encoder_states, attention_mask).log_softmax(-1)  # (batch, vocab)
+        target = bag_of_words_target(decoder_labels, log_probabilities.shape[-1])
+        return -(target * log_probabilities).sum(-1).mean()
+
+    def bag_of_words_scores(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        (batch, vocab) float32: for each vocabulary entry the maximum of the encoder's MLM scores over positions 1..L-1.
+
+        Padding takes -1000 before the maximum, as in the authors' code; [CLS] is left out, [SEP]
+        and masked positions are in. The projection runs a chunk of positions at a time
+        (`linear_max_over_positions`).
+        """
+        weight, bias = self.family.head_output(self.encoder)
+        states = self.family.head_transform(self.encoder, encoder_states[:, 1:])  # (batch, seq - 1, hidden)
+        penalty = (1 - attention_mask[:, 1:].float()) * PADDING_SCORE  # (batch, seq - 1)
+        return linear_max_over_positions(states, weight, bias, penalty)
+
+
+def bag_of_words_target(labels: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+    """
+    (batch, vocab) DupMAE's target: 1/n at each distinct labelled token, n = the labelled tokens counted with repeats.
+
+    As the authors' `DupMAECollator`, so each row sums to at most 1; built on the labels' device.
+    """
+    labelled = labels != IGNORE_INDEX  # (batch, seq)
+    present = torch.zeros(labels.shape[0], vocab_size, device=labels.device)
+    present.scatter_reduce_(1, labels.clamp(min=0), labelled.float(), reduce="amax")
+    return present / labelled.sum(1, keepdim=True).clamp(min=1)
+
+
+def linear_max_over_positions(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, penalty: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) maximum over positions of `states @ weight.T + bias + penalty`, made `LOGITS_CHUNK` elements at a time."""
+    chunk_positions = max(1, LOGITS_CHUNK // (states.shape[0] * weight.shape[0]))
+    return LinearMaxOverPositions.apply(states, weight, bias, penalty, chunk_positions)
+
+
+class LinearMaxOverPositions(torch.autograd.Function):
+    """
+    The vocabulary projection and its maximum over positions, fused over chunks of positions.
+
+    Forward makes the (batch, chunk, vocab) scores of one chunk of positions at a time and keeps
+    the running maximum and the position that attains it (the arg-max). The maximum's gradient
+    reaches only that position, so backward needs no scores: each vocabulary entry adds its
+    gradient times its weight row to the winning position's state, and the winning state to its
+    weight row. That costs (batch, vocab, hidden), not the projection's (batch, seq, vocab, hidden).
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, penalty, chunk_positions: int):
+        batch, seq_length, _ = states.shape
+        maximum = torch.full((batch, weight.shape[0]), float("-inf"), dtype=torch.float32, device=states.device)  # (batch, vocab)
+        winner = torch.zeros((batch, weight.shape[0]), dtype=torch.long, device=states.device)
+        for start in range(0, seq_length, chunk_positions):
+            scores = F.linear(states[:, start : start + chunk_positions], weight, bias).float()  # (batch, chunk, vocab)
+            scores += penalty[:, start : start + chunk_positions, None]
+            chunk_maximum, chunk_winner = scores.max(1)
+            better = chunk_maximum > maximum  # a tie keeps the earlier chunk's position
+            maximum = torch.where(better, chunk_maximum, maximum)
+            winner = torch.where(better, chunk_winner + start, winner)
+        ctx.save_for_backward(states, weight, winner)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return maximum
+
+    @staticmethod
+    def backward(ctx, grad_maximum):
+        states, weight, winner = ctx.saved_tensors
+        batch, seq_length, hidden = states.shape
+        grad_states = torch.zeros((batch * seq_length, hidden), dtype=torch.float32, device=states.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        rows = winner + seq_length * torch.arange(batch, device=winner.device)[:, None]  # (batch, vocab) row in the flat states
+        flat_states = states.reshape(batch * seq_length, hidden)
+        chunk_vocab = max(1, LOGITS_CHUNK // (batch * hidden))
+        for start in range(0, weight.shape[0], chunk_vocab):
+            part = slice(start, start + chunk_vocab)
+            grads = grad_maximum[:, part].float()  # (batch, chunk)
+            grad_states.index_add_(0, rows[:, part].flatten(), (grads[..., None] * weight[part].float()).flatten(0, 1))
+            grad_weight[part] = torch.einsum("bv,bvh->vh", grads, flat_states[rows[:, part]].float())
+        return (
+            grad_states.view(batch, seq_length, hidden).to(states.dtype),
+            grad_weight.to(weight.dtype),
+            None if ctx.bias_dtype is None else grad_maximum.sum(0).to(ctx.bias_dtype),
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.LongTensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def reference_mlm_loss(model, hidden, labels):
 
 
 def reference_losses(model, batch):
-    """RetroMAE's two losses recomputed step by step from ../shared/docs/retromae.md."""
+    """RetroMAE's two losses recomputed step by step from ../shared/docs/retromae.md (DupMAE's query stream for objective="dupmae")."""
     embeddings = model.encoder.bert.embeddings
     encoder_hidden = model.encoder.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
     encoder_loss = reference_mlm_loss(model, encoder_hidden, batch["encoder_labels"])
@@ -51,6 +51,8 @@ def reference_losses(model, batch):
     h2 = torch.cat([h_x[:, None], h2[:, 1:]], dim=1)  # content stream
     # the query stream; without enhanced decoding the decoder attends over its own (masked) input
     h1 = h_x[:, None] + positions if model.config.enhanced_decoding else h2
+    if model.config.objective == "dupmae":  # h_X through the embeddings module: + p_i + token type 0, LayerNorm
+        h1 = layer_norm(h_x[:, None] + positions + token_type, embeddings.LayerNorm)
 
     layer = model.decoder.layers[0]
     attention = layer.attention.self
@@ -68,6 +70,85 @@ def reference_losses(model, batch):
     decoded = layer_norm(linear(hidden, layer.output.dense) + attended, layer.output.LayerNorm)
     decoder_loss = reference_mlm_loss(model, decoded, batch["decoder_labels"])
     return encoder_loss, decoder_loss
+
+
+def reference_bow_loss(model, batch, special_ids):
+    """
+    DupMAE's bag-of-words loss as the authors write it: full MLM logits of the encoder, -1000 at padding,
+    the maximum over positions 1..L-1, log-softmax, and a target built token by token as their collator does.
+    """
+    hidden = model.encoder.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+    head = model.encoder.cls.predictions
+    transformed = layer_norm(F.gelu(linear(hidden, head.transform.dense)), head.transform.LayerNorm)
+    logits = transformed @ model.encoder.bert.embeddings.word_embeddings.weight.T + head.bias  # (batch, seq, vocab)
+    padding = (1 - batch["encoder_attention_mask"][:, 1:, None].float()) * -1000
+    scores = (logits[:, 1:] + padding).max(dim=1).values  # (batch, vocab)
+    target = torch.zeros_like(scores)
+    for row, (ids, mask) in enumerate(zip(batch["decoder_input_ids"].tolist(), batch["encoder_attention_mask"].tolist())):
+        passage = [token for token, real in zip(ids, mask) if real and token not in special_ids]
+        for token in passage:
+            target[row, token] = 1 / len(passage)
+    return torch.mean(-torch.sum(target * F.log_softmax(scores, dim=-1), dim=1))
+
+
+@pytest.fixture
+def dupmae_config(tiny_config):
+    tiny_config.objective = "dupmae"
+    tiny_config.bow_loss_weight = 0.1
+    return tiny_config
+
+
+def test_dupmae_losses_and_gradients_match_a_hand_computed_reference(dupmae_config, tokenizer, batch):
+    assert (batch["encoder_attention_mask"] == 0).any(), "the batch must hold padding"
+    model = RetroMAEForPreTraining(dupmae_config).eval()
+    output = model(**batch)
+    output.loss.backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+    encoder_loss, decoder_loss = reference_losses(model, batch)
+    bow_loss = reference_bow_loss(model, batch, set(tokenizer.all_special_ids))
+    (encoder_loss + decoder_loss + 0.1 * bow_loss).backward()
+    assert output.bow_loss.item() == pytest.approx(bow_loss.item(), abs=1e-5)
+    assert output.decoder_loss.item() == pytest.approx(decoder_loss.item(), abs=1e-5)
+    assert output.loss.item() == pytest.approx((encoder_loss + decoder_loss + 0.1 * bow_loss).item(), abs=1e-5)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(gradients[name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bow_loss_is_absent_from_retromae_and_grows_the_dupmae_loss_by_its_weight(tiny_config, dupmae_config, batch):
+    torch.manual_seed(0)
+    dupmae = RetroMAEForPreTraining(dupmae_config).eval()
+    retromae = RetroMAEForPreTraining(RetroMAEConfig(**(dupmae_config.to_dict() | {"objective": "retromae"}))).eval()
+    retromae.load_state_dict(dupmae.state_dict())
+    with torch.no_grad():
+        plain, dup = retromae(**batch), dupmae(**batch)
+    assert plain.bow_loss is None
+    assert torch.equal(plain.encoder_loss, dup.encoder_loss)
+    assert torch.equal(dup.loss, dup.encoder_loss + dup.decoder_loss + 0.1 * dup.bow_loss)
+
+
+def test_bow_maximum_in_chunks_gives_the_whole_maximum_loss_and_gradients(dupmae_config, batch, monkeypatch):
+    model = RetroMAEForPreTraining(dupmae_config).eval()
+    whole = model(**batch).bow_loss
+    whole.backward()
+    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+    model.zero_grad()
+    batch_size, vocab = batch["encoder_input_ids"].shape[0], dupmae_config.encoder.vocab_size
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", batch_size * vocab * 3)  # 3 positions a chunk; about 11 vocabulary chunks in backward
+    chunked = model(**batch).bow_loss
+    chunked.backward()
+    assert chunked.item() == pytest.approx(whole.item(), abs=1e-6)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bag_of_words_target_weighs_distinct_tokens_by_one_over_the_passage_length():
+    labels = torch.tensor([[-100, 5, 7, 5, 2, -100, -100], [-100, 3, -100, -100, -100, -100, -100]])
+    target = modeling_retromae.bag_of_words_target(labels, 9)
+    expected = torch.zeros(2, 9)
+    expected[0, [5, 7, 2]] = 0.25
+    expected[1, 3] = 1.0
+    torch.testing.assert_close(target, expected)
 
 
 @pytest.mark.parametrize("texts", [TEXTS, UNKNOWN_TEXTS + TEXTS[:2]], ids=["text", "with-unknown-tokens"])
