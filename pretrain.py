@@ -35,7 +35,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from .collator import RetroMAECollator
-from .configuration_retromae import RetroMAEConfig
+from .configuration_retromae import OBJECTIVES, RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
 from . import diagnostics
@@ -146,6 +146,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     method = parser.add_argument_group("RetroMAE")
+    method.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="retromae",
+        help="retromae: the paper's encoder + decoder loss; dupmae: RetroMAE v2 (DupMAE), which adds a bag-of-words "
+        "loss on the encoder's MLM scores and sends h_X through the embeddings for the query stream. Default: retromae.",
+    )
+    method.add_argument(
+        "--bow-loss-weight",
+        type=float,
+        help=f"Weight of DupMAE's bag-of-words loss (--objective dupmae only), at least 0. Default: {RetroMAEConfig.bow_loss_weight}.",
+    )
     method.add_argument(
         "--encoder-mask-ratio", type=retromae_setting("encoder_mask_ratio", float), default=RetroMAEConfig.encoder_mask_ratio, help="Encoder masking ratio (paper: 0.15-0.30). Default: %(default)s."
     )
@@ -366,6 +378,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     diagnostics.resolve_defaults(args, {} if args.train_data else DEMO_EVALUATION)
     if args.model is None and args.config is None:
         args.model = demo_model_path()
+    if args.objective == "dupmae" and args.bow_loss_weight is None:
+        args.bow_loss_weight = RetroMAEConfig.bow_loss_weight
 
 
 def demo_model_path() -> str:
@@ -383,6 +397,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad inputs before anything is loaded or written."""
     if args.model and args.config:
         raise UsageError("Give --model or --config, not both.")
+    if args.bow_loss_weight is not None and args.objective != "dupmae":
+        raise UsageError(f"--bow-loss-weight applies to --objective dupmae only; this run's --objective is {args.objective}.")
+    if args.bow_loss_weight is not None and not args.bow_loss_weight >= 0:
+        raise UsageError(f"--bow-loss-weight must be at least 0, got {args.bow_loss_weight}.")
+    if args.objective == "dupmae" and not args.enhanced_decoding:
+        raise UsageError("--objective dupmae needs enhanced decoding (DupMAE's query stream is its): drop --no-enhanced-decoding.")
     if args.streaming and args.max_steps < 1:
         raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs by.")
     for name in ("model", "tokenizer", "resume"):
@@ -495,7 +515,10 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
         decoder_mask_ratio=args.decoder_mask_ratio,
         enhanced_decoding=args.enhanced_decoding,
         decoder_mask_patterns=args.decoder_mask_patterns,
+        objective=args.objective,
     )
+    if args.bow_loss_weight is not None:
+        ratios["bow_loss_weight"] = args.bow_loss_weight
     torch.manual_seed(args.seed)  # the fresh parts (all of --config, the decoder from a checkpoint) are drawn from it
     if args.config:
         tokenizer = load_tokenizer(args.tokenizer or demo_model_path())
@@ -735,13 +758,13 @@ def fsdp_units(model: RetroMAEForPreTraining) -> list[str]:
 
 class RetroMAETrainer(HeldOutEvaluation, AtomicCheckpoints, Trainer):
     """
-    `Trainer` that logs encoder and decoder losses and tokens/s, evaluates on held-out passages,
+    `Trainer` that logs encoder, decoder (and DupMAE's bag-of-words) losses and tokens/s, evaluates on held-out passages,
     stops on a loss that is not finite, and writes checkpoints atomically.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._since_log = torch.zeros(4)  # encoder loss sum, decoder loss sum, batches, tokens
+        self._since_log = torch.zeros(5)  # encoder loss sum, decoder loss sum, bag-of-words loss sum, batches, tokens
         self._last_log_time = time.perf_counter()
 
     def _prepare_for_training(self, *args, **kwargs):
@@ -765,17 +788,20 @@ class RetroMAETrainer(HeldOutEvaluation, AtomicCheckpoints, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         self.stop_on_non_finite(outputs)
-        step = [outputs.encoder_loss.detach().float().cpu(), outputs.decoder_loss.detach().float().cpu(), 1.0]
+        losses = (outputs.encoder_loss, outputs.decoder_loss, outputs.bow_loss)
+        step = [0.0 if loss is None else loss.detach().float().cpu() for loss in losses] + [1.0]
         self._since_log += torch.tensor([*step, inputs["encoder_attention_mask"].sum().item()])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._since_log[2] > 0:
+        if "loss" in logs and self._since_log[3] > 0:
             totals = self.accelerator.reduce(self._since_log.to(self.args.device), reduction="sum").cpu()
-            encoder, decoder, batches, tokens = totals.tolist()
+            encoder, decoder, bow, batches, tokens = totals.tolist()
             now = time.perf_counter()
             logs["encoder_loss"] = round(encoder / batches, 4)
             logs["decoder_loss"] = round(decoder / batches, 4)
+            if self.model.config.objective == "dupmae":
+                logs["bow_loss"] = round(bow / batches, 4)
             logs["tokens_per_second"] = round(tokens / (now - self._last_log_time), 1)
             self._since_log.zero_()
             self._last_log_time = now
@@ -803,7 +829,8 @@ class LossLineProgressCallback(ProgressCallback):
         self.training_bar.write(
             f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
             f"encoder {logs['encoder_loss']:.4f}  decoder {logs['decoder_loss']:.4f}  "
-            f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:,.0f} tokens/s"
+            + (f"bow {logs['bow_loss']:.4f}  " if "bow_loss" in logs else "")
+            + f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:,.0f} tokens/s"
         )
 
 
@@ -825,6 +852,8 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "encoder_mask_ratio": args.encoder_mask_ratio,
         "decoder_mask_ratio": args.decoder_mask_ratio,
         "enhanced_decoding": args.enhanced_decoding,
+        "objective": args.objective,
+        "bow_loss_weight": args.bow_loss_weight,
         "max_length": args.max_length,
         "decoder_mask_patterns": args.decoder_mask_patterns,
         "group_by_length": args.group_by_length,
@@ -836,8 +865,14 @@ def run_summary(args: argparse.Namespace, trainer: Trainer, source: CorpusSource
         "seed": args.seed,
         "hardware": hardware(trainer.args.device),
         "train_seconds": round(seconds, 1),
-        "final_loss": f"{losses[-1]['encoder_loss']:.4f} + {losses[-1]['decoder_loss']:.4f}" if losses else None,
+        "final_loss": final_loss(losses[-1], args.bow_loss_weight) if losses else None,
     }
+
+
+def final_loss(logs: dict, bow_loss_weight: float | None) -> str:
+    """The last logged losses as the objective sums them: `encoder + decoder`, and `+ weight x bow` for DupMAE."""
+    terms = f"{logs['encoder_loss']:.4f} + {logs['decoder_loss']:.4f}"
+    return terms + (f" + {bow_loss_weight:g} x {logs['bow_loss']:.4f}" if "bow_loss" in logs else "")
 
 
 def hardware(device: torch.device) -> str:

@@ -47,6 +47,8 @@ PRETRAINING_ROWS = {
     "encoder_mask_ratio": "encoder mask ratio",
     "decoder_mask_ratio": "decoder mask ratio",
     "enhanced_decoding": "enhanced decoding",
+    "objective": "objective",
+    "bow_loss_weight": "bag-of-words loss weight",
     "max_length": "max length (tokens)",
     "steps": "optimiser steps",
     "batch_size": "batch size per process",
@@ -56,7 +58,7 @@ PRETRAINING_ROWS = {
     "seed": "seed",
     "hardware": "hardware",
     "train_seconds": "training time (s)",
-    "final_loss": "final loss (encoder + decoder)",
+    "final_loss": "final loss (encoder + decoder, + weight x bag of words for DupMAE)",
     "converted_from": "converted from",
 }
 

@@ -223,6 +223,10 @@ def test_help_documents_every_option(capsys, command):
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "bad.jsonl", '{"text": "ok"}\nnot json\n'))], "bad.jsonl:2 is not valid JSON"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl has no column 'text' (its columns: body)"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--model", str(tmp)], "Give --model or --config, not both"),
+        (lambda tmp, args: args + ["--objective", "dupmae", "--bow-loss-weight", "-0.5"], "--bow-loss-weight must be at least 0, got -0.5"),
+        (lambda tmp, args: args + ["--bow-loss-weight", "0.2"], "--bow-loss-weight applies to --objective dupmae only"),
+        (lambda tmp, args: args + ["--objective", "retromae", "--bow-loss-weight", "0"], "--bow-loss-weight applies to --objective dupmae only"),
+        (lambda tmp, args: args + ["--objective", "dupmae", "--no-enhanced-decoding"], "--objective dupmae needs enhanced decoding"),
     ],
 )
 def test_bad_input_fails_with_a_clear_message_and_writes_nothing(tmp_path, capsys, change, message):
@@ -269,6 +273,28 @@ def test_flash_and_flex_attention_leave_the_decoder_on_sdpa(monkeypatch):
         assert pretrain.attention_implementations(kernel, encoder) == {"": "sdpa", "encoder": kernel}
     assert pretrain.attention_implementations("eager", encoder) == {"": "eager", "encoder": "eager"}
     assert pretrain.attention_implementations("sdpa", {"model_type": "deberta-v2"}) == {"": "eager", "encoder": "eager"}
+
+
+def test_an_unknown_objective_exits_2_naming_the_flag_and_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", "tiny", "--output-dir", str(tmp_path / "out"), "--objective", "retromae3"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --objective: invalid choice: 'retromae3'" in error and "'dupmae'" in error and "Traceback" not in error
+
+
+def test_a_dupmae_run_logs_the_bag_of_words_loss_and_records_the_objective(corpus, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert main(tiny_run(corpus, output_dir, "--objective", "dupmae", "--bow-loss-weight", "0.3")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines and all("  bow " in line for line in lines), lines
+    summary = json.loads((output_dir / "model" / "retromae_pretraining.json").read_text())
+    assert summary["objective"] == "dupmae" and summary["bow_loss_weight"] == 0.3
+    assert " + 0.3 x " in summary["final_loss"]
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert all("bow_loss" in entry for entry in state["log_history"] if "encoder_loss" in entry)
+    config = json.loads((output_dir / "checkpoint-4" / "config.json").read_text())
+    assert config["objective"] == "dupmae" and config["bow_loss_weight"] == 0.3
 
 
 def test_model_that_is_not_a_checkpoint_is_refused(tmp_path, corpus, capsys):
