@@ -45,9 +45,12 @@ class RetroMAELoss(nn.Module):
             settings, as `RetroMAEConfig` documents, defaults and checks them.
         seed: seeds the masks as `RetroMAECollator` does; `None` draws them from torch's
             generator, which the trainer seeds and restores on resume.
+        objective, bow_loss_weight: `"retromae"` (the paper's) or `"dupmae"` (RetroMAE v2, which
+            adds the bag-of-words loss at `bow_loss_weight`), as for `RetroMAEConfig`.
 
     Every text of the dataset's single column is one example. The loss returns
-    `{"encoder_loss", "decoder_loss"}`, which the trainer sums and logs one by one. Pass
+    `{"encoder_loss", "decoder_loss"}`, and for DupMAE `"bow_loss"` already multiplied by
+    `bow_loss_weight`, which the trainer sums and logs one by one. Pass
     `callbacks=[loss.checkpoints]` to the trainer so that checkpoints hold the decoder and the
     MLM head, a resumed run carries on from them, and their gradients are averaged across the
     processes of a distributed job (torchrun, accelerate launch) and clipped as the model's are.
@@ -61,6 +64,8 @@ class RetroMAELoss(nn.Module):
         num_decoder_layers: int = RetroMAEConfig.num_decoder_layers,
         decoder_mask_patterns: int = RetroMAEConfig.decoder_mask_patterns,
         seed: int | None = None,
+        objective: str = "retromae",
+        bow_loss_weight: float = 0.1,
     ):
         super().__init__()
         backbone = check_model(model)
@@ -71,6 +76,8 @@ class RetroMAELoss(nn.Module):
             decoder_mask_ratio=decoder_mask_ratio,
             num_decoder_layers=num_decoder_layers,
             decoder_mask_patterns=decoder_mask_patterns,
+            objective=objective,
+            bow_loss_weight=bow_loss_weight,
             attn_implementation=backbone.config._attn_implementation,
         )
         max_length = min(model.max_seq_length or max_tokens(backbone.config), max_tokens(backbone.config))
@@ -89,10 +96,15 @@ class RetroMAELoss(nn.Module):
         encoded = self.model(passed_on | {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch})
         encoder_states = encoded["token_embeddings"]  # (batch, seq, hidden); sentence_embedding is its first row
         decoded = self.retromae.decode(encoded["sentence_embedding"], batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
-        return {
+        losses = {
             "encoder_loss": self.retromae.masked_lm_loss(encoder_states, batch["encoder_labels"]),
             "decoder_loss": self.retromae.masked_lm_loss(decoded, batch["decoder_labels"]),
         }
+        config = self.retromae.config
+        if config.objective == "dupmae":
+            bow_loss = self.retromae.bag_of_words_loss(encoder_states, batch["encoder_attention_mask"], batch["decoder_labels"])
+            losses["bow_loss"] = config.bow_loss_weight * bow_loss
+        return losses
 
     def masked_batch(self, features: dict) -> dict[str, torch.Tensor]:
         """The collator's batch for the texts the trainer tokenised, on the model's device, with the encoder's input under the model's names."""
@@ -111,7 +123,7 @@ class RetroMAELoss(nn.Module):
 
     def get_config_dict(self) -> dict:
         config = self.retromae.config
-        return {name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "decoder_mask_patterns")}
+        return {name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "num_decoder_layers", "decoder_mask_patterns", "objective", "bow_loss_weight")}
 
     def own_parameters(self) -> dict[str, nn.Parameter]:
         """The loss's parameters that the model does not hold: the decoder and the MLM head (the head's tied weights excepted)."""

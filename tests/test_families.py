@@ -127,11 +127,27 @@ def test_a_decoder_only_model_is_refused_naming_the_families(corpus, tmp_path, c
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_killed_run_of_every_family_resumes_to_the_same_weights(family, checkpoints, corpus, tmp_path):
+    assert_killed_run_resumes_to_the_same_weights(checkpoints / family, corpus, tmp_path)
+
+
+# An absolute-position and a rotary family in the quick suite; the others (each ~8 s of CPU) with the slow tests.
+DUPMAE_RESUME_FAMILIES = [family if family in ("bert", "deberta-v2") else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES]
+
+
+@pytest.mark.parametrize("family", DUPMAE_RESUME_FAMILIES)
+def test_a_killed_dupmae_run_of_every_family_resumes_to_the_same_weights(family, checkpoints, corpus, tmp_path, capsys):
+    assert_killed_run_resumes_to_the_same_weights(checkpoints / family, corpus, tmp_path, "--objective", "dupmae")
+    assert "  bow " in capsys.readouterr().out
+    assert json.loads((tmp_path / "killed" / "checkpoint-4" / "config.json").read_text())["objective"] == "dupmae"
+
+
+def assert_killed_run_resumes_to_the_same_weights(checkpoint: Path, corpus: Path, tmp_path: Path, *extra: str) -> None:
+    """A run killed after step 3 and resumed from its checkpoint-2 ends with the weights of the run that was never killed."""
     parser = build_parser()
-    pretrain.run(parser.parse_args(family_run(checkpoints / family, corpus, tmp_path / "whole", "--max-steps", "4")))
+    pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "whole", "--max-steps", "4", *extra)))
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(parser.parse_args(family_run(checkpoints / family, corpus, tmp_path / "killed", "--max-steps", "4")), callbacks=[CrashAfter(3)])
-    pretrain.run(parser.parse_args(family_run(checkpoints / family, corpus, tmp_path / "killed", "--max-steps", "4", "--resume")))
+        pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", *extra)), callbacks=[CrashAfter(3)])
+    pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", "--resume", *extra)))
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-4", tmp_path / "killed" / "checkpoint-4")
 
 

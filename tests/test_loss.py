@@ -43,12 +43,14 @@ def without_dropout(module):
     return module
 
 
+@pytest.mark.parametrize("objective", ["retromae", "dupmae"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loss_equals_retromae_for_pretraining_on_the_same_weights_and_masks(family, checkpoints):
+def test_loss_equals_retromae_for_pretraining_on_the_same_weights_and_masks(family, objective, checkpoints):
     torch.manual_seed(0)
     model = cls_model(checkpoints / family)
-    loss = without_dropout(RetroMAELoss(model, seed=3))
-    reference = without_dropout(RetroMAEForPreTraining.from_pretrained(str(checkpoints / family)))
+    settings = {"objective": objective, "bow_loss_weight": 0.2}
+    loss = without_dropout(RetroMAELoss(model, seed=3, **settings))
+    reference = without_dropout(RetroMAEForPreTraining.from_pretrained(str(checkpoints / family), **settings))
     reference.decoder.load_state_dict(loss.retromae.decoder.state_dict())
     missing, _ = reference.encoder.load_state_dict(loss.retromae.encoder.state_dict(), strict=False)
     assert not missing
@@ -59,6 +61,10 @@ def test_loss_equals_retromae_for_pretraining_on_the_same_weights_and_masks(fami
     expected = reference(**batch)
     assert losses["encoder_loss"].item() == pytest.approx(expected.encoder_loss.item(), abs=1e-5)
     assert losses["decoder_loss"].item() == pytest.approx(expected.decoder_loss.item(), abs=1e-5)
+    if objective == "dupmae":
+        assert losses["bow_loss"].item() == pytest.approx(0.2 * expected.bow_loss.item(), abs=1e-5)
+    else:
+        assert "bow_loss" not in losses and expected.bow_loss is None
 
 
 @pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
