@@ -7,7 +7,10 @@ Variants, with the same weights and the same batch, for an encoder of one family
              on the same encoder with encoder masking only (RetroMAE's floor)
   gemm       square matrix multiplies of the same FLOPs as `ours` (the machine's ceiling)
   compiled   `ours` under torch.compile (with --compile)
-plus collator throughput on one core (ours vs a per-row Python reference, as in the authors' code) and
+With --objective dupmae, instead: DupMAE (RetroMAE v2) against RetroMAE on the same weights and batch, timed
+round-robin: FLOPs of both, the step-time ratio against the FLOP ratio, the bytes kept for backward and (on a GPU)
+the peak memory of a step. DupMAE's bag-of-words loss is first checked against its dense form (full logits) to 1e-4.
+Otherwise: plus collator throughput on one core (ours vs a per-row Python reference, as in the authors' code) and
 embedding throughput (the RetroMAE encoder class vs the family's base model). Before anything is timed, the losses of
 `ours` and `reference` must agree to 1e-4 (in float32, whatever --dtype times).
 
@@ -21,6 +24,9 @@ GPU the peak allocated memory of one step.
     python benchmarks/benchmark_step.py --smoke         # tiny config, a few steps (CI)
     python benchmarks/benchmark_step.py --size smoke --batch-size 2 --repeats 2 --warmup 1 \
         --lengths 512 1024 2048 4096 8192 --output long.json   # memory and time against L, and long.png
+    python benchmarks/benchmark_step.py --objective dupmae --size base --seq-lengths 128 512   # DupMAE / RetroMAE
+    python benchmarks/benchmark_step.py --objective dupmae --family xlm-roberta --vocab-size 250002 \
+        --seq-lengths 8192 --batch-size 2   # XLM-R's vocabulary at long L
 """
 
 import argparse
@@ -40,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
-from retromae.modeling_retromae import encoder_family, max_tokens
+from retromae.modeling_retromae import bag_of_words_target, encoder_family, max_tokens
 from retromae.plan import parameter_counts, step_memory
 from retromae.pretrain import demo_model_path, hardware
 
@@ -81,16 +87,17 @@ def reference_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
     return dense_mlm_loss(encoder_states, batch["encoder_labels"]) + dense_mlm_loss(decoded, batch["decoder_labels"])
 
 
-def encoder_config(family: str, size: str, tokenizer, seq_length: int, attention_dropout: float | None = None):
+def encoder_config(family: str, size: str, tokenizer, seq_length: int, attention_dropout: float | None = None, vocab_size: int | None = None):
     """
     A random encoder of `family` at `size`, reading the tokenizer's special ids, with positions for
-    `seq_length` tokens; its attention dropout the family's default unless given.
+    `seq_length` tokens; its attention dropout the family's default unless given; its vocabulary the
+    tokenizer's, or `vocab_size` entries (e.g. XLM-R's 250,002) of which the batches use the tokenizer's.
     """
     first, separator = tokenizer.cls_token_id, tokenizer.sep_token_id
     ids = {"pad_token_id": tokenizer.pad_token_id, "cls_token_id": first, "bos_token_id": first, "sep_token_id": separator, "eos_token_id": separator}
     config_fields = {field.name for field in dataclasses.fields(CONFIG_MAPPING[family])}
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), **SIZES[size], **{name: value for name, value in ids.items() if name in config_fields}
+        family, vocab_size=vocab_size or len(tokenizer), **SIZES[size], **{name: value for name, value in ids.items() if name in config_fields}
     )
     config.max_position_embeddings = max(512, seq_length)
     config.max_position_embeddings += max(512, seq_length) - max_tokens(config)  # room for the family's position offset
@@ -333,6 +340,80 @@ def benchmark_length(args, tokenizer, seq_length: int) -> dict:
     }
 
 
+def reference_bow_loss(model: RetroMAEForPreTraining, batch: dict) -> torch.Tensor:
+    """DupMAE's bag-of-words loss in its dense form: MLM scores at every position, -1000 at padding, max, log-softmax."""
+    states = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+    padding = (1 - batch["encoder_attention_mask"][:, 1:, None].float()) * -1000
+    scores = (model.mlm_head(states)[:, 1:].float() + padding).max(dim=1).values  # (batch, vocab)
+    target = bag_of_words_target(batch["decoder_labels"], scores.shape[-1])
+    return -(target * scores.log_softmax(-1)).sum(-1).mean()
+
+
+def dupmae_against_retromae(args, tokenizer, seq_length: int) -> dict:
+    """DupMAE and RetroMAE steps on the same weights and batch: seconds, FLOPs, memory kept for backward, GPU peak."""
+    device, autocast_dtype = torch.device(args.device), getattr(torch, args.dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    torch.manual_seed(0)
+    config = RetroMAEConfig(encoder=encoder_config(args.family, args.size, tokenizer, seq_length, vocab_size=args.vocab_size))
+    retromae = RetroMAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device)
+    dupmae = RetroMAEForPreTraining._from_config(RetroMAEConfig(**(config.to_dict() | {"objective": "dupmae"})), attn_implementation="sdpa").to(device)
+    dupmae.load_state_dict(retromae.state_dict())
+    collator = RetroMAECollator(tokenizer, max_length=seq_length, seed=0)
+    ids = synthetic_batch_ids(tokenizer, args.batch_size, seq_length, seed=0)
+    ids[-1] = ids[-1][: max(1, seq_length // 2)]  # one passage half as long: the maximum must leave out padding
+    batch = {name: tensor.to(device) for name, tensor in collator(ids).items()}
+
+    if not args.skip_check:
+        with torch.no_grad():
+            bow_loss, reference = dupmae.eval()(**batch).bow_loss.item(), reference_bow_loss(dupmae, batch).item()
+        if abs(bow_loss - reference) > 1e-4:
+            raise AssertionError(f"L={seq_length}: DupMAE's bag-of-words loss {bow_loss:.6f} != its dense form {reference:.6f}")
+    retromae.train(), dupmae.train()
+
+    def compute_loss(model):
+        def forward():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                return model(**batch).loss
+
+        return forward
+
+    variants = {"retromae": retromae, "dupmae": dupmae}
+    steps = {name: training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), compute_loss(model)) for name, model in variants.items()}
+    seconds = interleaved_medians(steps, args.repeats, args.warmup, synchronize)
+    flops = {name: flops_by_part(model, compute_loss(model)) for name, model in variants.items()}
+    saved_mib = {name: saved_for_backward_mib(compute_loss(model)) for name, model in variants.items()}
+    peak_mib = {name: peak_step_mib(step, device) for name, step in steps.items()}
+    time_ratio, flop_ratio = seconds["dupmae"] / seconds["retromae"], flops["dupmae"]["total"] / flops["retromae"]["total"]
+    return {
+        "seq_length": seq_length,
+        "batch_size": args.batch_size,
+        "vocab_size": config.encoder.vocab_size,
+        "bow_loss_checked_against_dense": not args.skip_check,
+        "step_seconds": seconds,
+        "step_flops": flops,
+        "dupmae_over_retromae_seconds": time_ratio,
+        "dupmae_over_retromae_flops": flop_ratio,
+        "time_ratio_over_flop_ratio": time_ratio / flop_ratio,
+        "saved_for_backward_mib": saved_mib,
+        "dupmae_over_retromae_saved_for_backward": saved_mib["dupmae"] / saved_mib["retromae"],
+        "peak_step_mib": peak_mib,
+        "dupmae_over_retromae_peak": peak_mib["dupmae"] / peak_mib["retromae"] if peak_mib["retromae"] else None,
+    }
+
+
+def print_dupmae_table(report: dict) -> None:
+    print(f"{report['family']} {report['size']}, batch {report['batch_size']}, {report['dtype']}, {report['machine']}")
+    print("L      vocab    RetroMAE s  DupMAE s  time x  FLOP x  time/FLOP  saved MiB (R/D)  peak MiB (R/D)")
+    for r in report["results"]:
+        s, saved, peak = r["step_seconds"], r["saved_for_backward_mib"], r["peak_step_mib"]
+        peaks = f"{peak['retromae']:.0f}/{peak['dupmae']:.0f}" if peak["retromae"] is not None else "-"
+        print(
+            f"{r['seq_length']:<6} {r['vocab_size']:<8} {s['retromae']:<11.3f} {s['dupmae']:<9.3f} {r['dupmae_over_retromae_seconds']:<7.3f} "
+            f"{r['dupmae_over_retromae_flops']:<7.3f} {r['time_ratio_over_flop_ratio']:<10.3f} "
+            f"{saved['retromae']:.0f}/{saved['dupmae']:.0f}{'':<8} {peaks}"
+        )
+
+
 def one_process_step(args, tokenizer) -> dict:
     """
     One variant at one length in this process: median step seconds (collation included), tokens/s,
@@ -538,6 +619,14 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="Also time `ours` under torch.compile (compilation happens in the warm-up).")
     parser.add_argument("--tokenizer", help="Tokenizer folder (bert-base-uncased vocabulary). Default: the demo model's, from retromae[demo].")
+    parser.add_argument(
+        "--objective",
+        choices=["retromae", "dupmae"],
+        default="retromae",
+        help="dupmae: time DupMAE against RetroMAE (FLOPs, time, memory) instead of RetroMAE against its baselines. Default: retromae.",
+    )
+    parser.add_argument("--vocab-size", type=int, help="With --objective dupmae: the encoder's vocabulary (e.g. 250002, XLM-R's). Default: the tokenizer's.")
+    parser.add_argument("--skip-check", action="store_true", help="With --objective dupmae: skip the dense check (its full logits are large at long L).")
     parser.add_argument("--smoke", action="store_true", help="Tiny config, short sequences, one timed step: checks the pipeline (CI).")
     parser.add_argument("--output", default="benchmark_step.json", help="Where the JSON goes. Default: benchmark_step.json.")
     parser.add_argument(
@@ -582,17 +671,24 @@ def main() -> None:
     if args.smoke:
         args.size, args.seq_lengths, args.batch_size, args.repeats, args.warmup = "smoke", [32], 2, 1, 0
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or demo_model_path())
-    results = [benchmark_length(args, tokenizer, length) for length in args.seq_lengths]
+    compare = dupmae_against_retromae if args.objective == "dupmae" else benchmark_length
+    results = [compare(args, tokenizer, length) for length in args.seq_lengths]
     report = {
         "family": args.family,
         "size": args.size,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "machine": f"{hardware(torch.device(args.device))}, torch {torch.__version__}",
+        "objective": args.objective,
+        "command": " ".join(sys.argv),
         "results": results,
     }
     with open(args.output, "w") as file:
         json.dump(report, file, indent=2)
+    if args.objective == "dupmae":
+        print_dupmae_table(report)
+        print(f"figures in {args.output}")
+        return
     print_table(report)
     print(f"losses agree (ours vs reference, 1e-4); figures in {args.output}")
 
