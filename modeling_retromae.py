@@ -994,10 +994,14 @@ class LinearMaxOverPositions(torch.autograd.Function):
         batch, seq_length, _ = states.shape
         maximum = torch.full((batch, weight.shape[0]), float("-inf"), dtype=torch.float32, device=states.device)  # (batch, vocab)
         winner = torch.zeros((batch, weight.shape[0]), dtype=torch.long, device=states.device)
+        padded = penalty.ne(0).any(0)  # (seq,) positions where some example is padding
+        first_padded = int(padded.float().argmax()) if padded.any() else seq_length
         for start in range(0, seq_length, chunk_positions):
-            scores = F.linear(states[:, start : start + chunk_positions], weight, bias).float()  # (batch, chunk, vocab)
-            scores += penalty[:, start : start + chunk_positions, None]
+            scores = F.linear(states[:, start : start + chunk_positions], weight, bias)  # (batch, chunk, vocab)
+            if start + chunk_positions > first_padded:
+                scores = scores + penalty[:, start : start + chunk_positions, None].to(scores.dtype)
             chunk_maximum, chunk_winner = scores.max(1)
+            chunk_maximum = chunk_maximum.float()
             better = chunk_maximum > maximum  # a tie keeps the earlier chunk's position
             maximum = torch.where(better, chunk_maximum, maximum)
             winner = torch.where(better, chunk_winner + start, winner)

@@ -4,7 +4,7 @@ import inspect
 import json
 
 import pytest
-from transformers import AutoConfig, BertConfig, ModernBertConfig, RobertaConfig
+from transformers import AutoConfig, BertConfig, ElectraConfig, ModernBertConfig, RobertaConfig
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAELoss
 from retromae.cli import build_parser
@@ -17,6 +17,18 @@ def test_defaults_are_the_authors():
     assert (config.encoder_mask_ratio, config.decoder_mask_ratio, config.num_decoder_layers) == (0.30, 0.50, 1)
     assert isinstance(config.encoder, BertConfig)
     assert config.encoder.to_dict() == BertConfig().to_dict()
+
+
+def test_the_objective_is_retromae_unless_dupmae_is_asked_for_with_the_authors_weight():
+    assert RetroMAEConfig().objective == "retromae"
+    config = RetroMAEConfig(objective="dupmae")
+    assert (config.objective, config.bow_loss_weight) == ("dupmae", 0.1)
+    assert RetroMAEConfig.from_dict(config.to_dict()).objective == "dupmae"
+
+
+def test_dupmae_refuses_factorised_embeddings_that_cannot_take_the_sentence_embedding():
+    with pytest.raises(ValueError, match="embedding_size 128: factorised embeddings are not supported"):
+        RetroMAEConfig(encoder=ElectraConfig(embedding_size=128, hidden_size=256), objective="dupmae")
 
 
 def test_auto_map_points_every_auto_class_at_the_remote_code():
@@ -38,6 +50,9 @@ def test_auto_map_points_every_auto_class_at_the_remote_code():
         ({"num_decoder_layers": 0}, "num_decoder_layers must be at least 1, got 0"),
         ({"decoder_mask_patterns": 0}, "decoder_mask_patterns must be at least 1, got 0"),
         ({"hidden_size": 100, "num_attention_heads": 3}, r"hidden_size \(100\) must be divisible by num_attention_heads \(3\)"),
+        ({"objective": "retromae3"}, "objective must be one of retromae, dupmae, got 'retromae3'"),
+        ({"objective": "dupmae", "bow_loss_weight": -0.1}, "bow_loss_weight must be at least 0, got -0.1"),
+        ({"objective": "dupmae", "enhanced_decoding": False}, "objective='dupmae' needs enhanced_decoding=True"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_field_and_value(fields, message):

@@ -2,6 +2,8 @@
 
 import inspect
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, Retr
 from retromae.configuration_retromae import RETROMAE_FIELDS
 from retromae.modeling_retromae import RELEASED_ENCODERS
 
-from conftest import TEXTS, UNKNOWN_TEXTS, decoder_mask
+from conftest import MINILM_PATH, TEXTS, UNKNOWN_TEXTS, decoder_mask
 from families import FAMILIES, VOCAB_SIZE, tiny_config as family_config
 
 
@@ -140,6 +142,15 @@ def test_bow_maximum_in_chunks_gives_the_whole_maximum_loss_and_gradients(dupmae
     assert chunked.item() == pytest.approx(whole.item(), abs=1e-6)
     for name, gradient in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_dupmae_page_example_runs_as_written(capsys):
+    page = (Path(__file__).resolve().parent.parent / "docs" / "dupmae.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(block.replace('"bert-base-uncased"', repr(MINILM_PATH)), {})
+    assert "tensor(" in capsys.readouterr().out
 
 
 def test_bag_of_words_target_weighs_distinct_tokens_by_one_over_the_passage_length():
