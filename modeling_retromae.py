@@ -984,9 +984,11 @@ class LinearMaxOverPositions(torch.autograd.Function):
 
     Forward makes the (batch, chunk, vocab) scores of one chunk of positions at a time and keeps
     the running maximum and the position that attains it (the arg-max). The maximum's gradient
-    reaches only that position, so backward needs no scores: each vocabulary entry adds its
-    gradient times its weight row to the winning position's state, and the winning state to its
-    weight row. That costs (batch, vocab, hidden), not the projection's (batch, seq, vocab, hidden).
+    reaches only that position, so backward needs no scores: the gradient of the scores is a
+    sparse (batch x seq, vocab) matrix `G` with one entry per (example, vocabulary entry), at the
+    winning position, and the gradients of the states and the weight are the sparse products
+    `G @ weight` and `G.T @ states`: (batch, vocab, hidden) multiply-adds, not the projection's
+    (batch, seq, vocab, hidden), and nothing of size (batch, vocab, hidden) is made.
     """
 
     @staticmethod
@@ -1013,16 +1015,19 @@ class LinearMaxOverPositions(torch.autograd.Function):
     def backward(ctx, grad_maximum):
         states, weight, winner = ctx.saved_tensors
         batch, seq_length, hidden = states.shape
-        grad_states = torch.zeros((batch * seq_length, hidden), dtype=torch.float32, device=states.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = winner + seq_length * torch.arange(batch, device=winner.device)[:, None]  # (batch, vocab) row in the flat states
-        flat_states = states.reshape(batch * seq_length, hidden)
-        chunk_vocab = max(1, LOGITS_CHUNK // (batch * hidden))
-        for start in range(0, weight.shape[0], chunk_vocab):
-            part = slice(start, start + chunk_vocab)
-            grads = grad_maximum[:, part].float()  # (batch, chunk)
-            grad_states.index_add_(0, rows[:, part].flatten(), (grads[..., None] * weight[part].float()).flatten(0, 1))
-            grad_weight[part] = torch.einsum("bv,bvh->vh", grads, flat_states[rows[:, part]].float())
+        vocab_size = weight.shape[0]
+        rows = winner + seq_length * torch.arange(batch, device=winner.device)[:, None]  # (batch, vocab) winner's row of the flat states
+        entries = torch.arange(vocab_size, device=winner.device).repeat_interleave(batch)
+        # G.T, (vocab, batch x seq): its indices are sorted and distinct as built (by entry, then example).
+        grad_scores_t = torch.sparse_coo_tensor(
+            torch.stack([entries, rows.T.flatten()]),
+            grad_maximum.T.flatten().float(),
+            (vocab_size, batch * seq_length),
+            is_coalesced=True,
+            check_invariants=False,
+        )
+        grad_weight = torch.sparse.mm(grad_scores_t, states.reshape(batch * seq_length, hidden).float())  # (vocab, hidden)
+        grad_states = torch.sparse.mm(grad_scores_t.t(), weight.float())  # (batch x seq, hidden)
         return (
             grad_states.view(batch, seq_length, hidden).to(states.dtype),
             grad_weight.to(weight.dtype),

@@ -136,7 +136,7 @@ def test_bow_maximum_in_chunks_gives_the_whole_maximum_loss_and_gradients(dupmae
     expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
     model.zero_grad()
     batch_size, vocab = batch["encoder_input_ids"].shape[0], dupmae_config.encoder.vocab_size
-    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", batch_size * vocab * 3)  # 3 positions a chunk; about 11 vocabulary chunks in backward
+    monkeypatch.setattr(modeling_retromae, "LOGITS_CHUNK", batch_size * vocab * 3)  # 3 positions a chunk
     chunked = model(**batch).bow_loss
     chunked.backward()
     assert chunked.item() == pytest.approx(whole.item(), abs=1e-6)
