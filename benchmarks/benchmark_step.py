@@ -193,13 +193,15 @@ def flops_by_part(model, compute_loss) -> dict[str, int]:
     return {"total": counter.get_total_flops(), **{part: sum(counts.get(prefix + part, {}).values()) for part in parts}}
 
 
-def saved_for_backward_mib(compute_loss) -> float:
-    """MiB of tensors the forward pass keeps for backward (each storage counted once)."""
+def saved_for_backward_mib(compute_loss, model: torch.nn.Module | None = None) -> float:
+    """MiB of tensors the forward pass keeps for backward (each storage counted once; `model`'s parameters, which exist anyway, left out)."""
     storages = {}
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()} if model is not None else set()
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -381,7 +383,7 @@ def dupmae_against_retromae(args, tokenizer, seq_length: int) -> dict:
     steps = {name: training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), compute_loss(model)) for name, model in variants.items()}
     seconds = interleaved_medians(steps, args.repeats, args.warmup, synchronize)
     flops = {name: flops_by_part(model, compute_loss(model)) for name, model in variants.items()}
-    saved_mib = {name: saved_for_backward_mib(compute_loss(model)) for name, model in variants.items()}
+    saved_mib = {name: saved_for_backward_mib(compute_loss(model), model) for name, model in variants.items()}
     peak_mib = {name: peak_step_mib(step, device) for name, step in steps.items()}
     time_ratio, flop_ratio = seconds["dupmae"] / seconds["retromae"], flops["dupmae"]["total"] / flops["retromae"]["total"]
     return {
