@@ -627,7 +627,6 @@ def main() -> None:
         default="retromae",
         help="dupmae: time DupMAE against RetroMAE (FLOPs, time, memory) instead of RetroMAE against its baselines. Default: retromae.",
     )
-    parser.add_argument("--vocab-size", type=int, help="With --objective dupmae: the encoder's vocabulary (e.g. 250002, XLM-R's). Default: the tokenizer's.")
     parser.add_argument("--skip-check", action="store_true", help="With --objective dupmae: skip the dense check (its full logits are large at long L).")
     parser.add_argument("--smoke", action="store_true", help="Tiny config, short sequences, one timed step: checks the pipeline (CI).")
     parser.add_argument("--output", default="benchmark_step.json", help="Where the JSON goes. Default: benchmark_step.json.")
@@ -645,7 +644,7 @@ def main() -> None:
         "kernels do with dropout; with dropout CPU SDPA falls back to the math kernel, which keeps (seq, seq) scores.",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="With --lengths: recompute activations in backward (both variants).")
-    parser.add_argument("--vocab-size", type=int, help="With --lengths: the model's vocabulary (e.g. 250002 for XLM-R; ids come from --tokenizer). Default: the tokenizer's.")
+    parser.add_argument("--vocab-size", type=int, help="With --lengths or --objective dupmae: the model's vocabulary (e.g. 250002 for XLM-R; ids come from --tokenizer). Default: the tokenizer's.")
     parser.add_argument(
         "--peak-tflops",
         type=float,
