@@ -172,6 +172,9 @@ def run_pretrain(args: argparse.Namespace) -> None:
         print(f"RetroMAE encoder saved to {release}")
         print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
         print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")
+        sparse = release.parent / pretrain.SPARSE_FOLDER
+        if read.get("objective") == "dupmae":
+            print(f"Sparse (SPLADE) model saved to {sparse}: load it with SparseEncoder({str(sparse)!r}), no flag (docs/sparse.md)")
 
 
 def run_finetune(args: argparse.Namespace) -> None:

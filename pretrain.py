@@ -54,6 +54,7 @@ from .diagnostics import (
 )
 from .errors import UsageError, at_least, check_exists, loading, positive, retromae_setting, seed, steps
 from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
+from .sparse_encoder import write_sparse_release
 from .passages import FirstPassage, PassageSplitter, TrainedPassages, empty_passages, unknown_passages
 from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, finished_step, resume_checkpoint
 from .modeling_retromae import ENCODER_FAMILIES, RetroMAEForPreTraining, encoder_family, max_tokens
@@ -73,6 +74,7 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 DEMO_EVALUATION = dict(eval_split=0.02, eval_size=48)  # held-out passages that keep evaluation within 5% of the demo's time
 
 RELEASE_FOLDER = "model"
+SPARSE_FOLDER = "sparse"
 STREAM_BATCH = 64
 LENGTH_GROUP_BATCHES = 64
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
@@ -289,6 +291,8 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         release_encoder(
             trainer.model, tokenizer, release, summary | {"training_evaluation": training_evaluation(evaluations)}, weights, evaluations
         )
+        if args.objective == "dupmae":  # the sparse retriever beside the dense one (docs/sparse.md)
+            write_sparse_release(Path(args.output_dir) / SPARSE_FOLDER, trainer.model.released_encoder(weights=weights), tokenizer, summary)
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
 

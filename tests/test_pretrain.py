@@ -297,6 +297,26 @@ def test_a_dupmae_run_logs_the_bag_of_words_loss_and_records_the_objective(corpu
     assert config["objective"] == "dupmae" and config["bow_loss_weight"] == 0.3
 
 
+def test_a_dupmae_run_writes_the_sparse_retriever_of_its_released_encoder(corpus, tmp_path, capsys):
+    from sentence_transformers import SparseEncoder
+    from transformers import AutoModelForMaskedLM
+
+    from retromae.sparse_encoder import splade_embedding
+
+    output_dir = tmp_path / "run"
+    assert main(tiny_run(corpus, output_dir, "--objective", "dupmae", "--max-steps", "2")) == 0
+    assert f"Sparse (SPLADE) model saved to {output_dir / 'sparse'}" in capsys.readouterr().out
+    texts = ["a query about retrieval", "the bag of words of a passage"]
+    tokenizer = AutoTokenizer.from_pretrained(output_dir / "model")
+    with torch.no_grad():
+        expected = splade_embedding(AutoModelForMaskedLM.from_pretrained(output_dir / "model").eval(), tokenizer(texts, padding=True, return_tensors="pt"))
+        sparse = SparseEncoder(str(output_dir / "sparse")).encode(texts, convert_to_tensor=True).to_dense()
+    torch.testing.assert_close(sparse, expected, atol=1e-5, rtol=1e-5)
+    assert not (tmp_path / "v1").exists()
+    assert main(tiny_run(corpus, tmp_path / "v1", "--max-steps", "1")) == 0
+    assert not (tmp_path / "v1" / "sparse").exists()
+
+
 def test_model_that_is_not_a_checkpoint_is_refused(tmp_path, corpus, capsys):
     not_a_model = tmp_path / "folder"
     not_a_model.mkdir()
