@@ -205,6 +205,15 @@ def test_held_out_losses_are_the_models_own(words_config, held_out):
     assert model.training is False
 
 
+def test_a_dupmae_model_reports_its_held_out_bag_of_words_loss_and_retromae_none(words_config, held_out):
+    dupmae = RetroMAEForPreTraining(type(words_config)(**{**words_config.to_dict(), "objective": "dupmae"})).eval()
+    figures = evaluate_held_out(dupmae, held_out)  # one batch: the held-out BoW loss is the batch's
+    with torch.no_grad():
+        output = dupmae(**held_out.batches[0])
+    assert figures["bow_loss"] == pytest.approx(output.bow_loss.item(), rel=1e-5)
+    assert "bow_loss" not in evaluate_held_out(RetroMAEForPreTraining(words_config).eval(), held_out)
+
+
 def test_the_derangement_never_gives_a_passage_its_own_embedding(held_out):
     assert sorted(held_out.derangement.tolist()) == list(range(len(held_out)))
     assert all(other != own for own, other in enumerate(held_out.derangement.tolist()))
