@@ -240,3 +240,11 @@ def test_blocks_checked_by_another_test_name_a_test_that_reads_their_page():
         source = (ROOT / path).read_text()
         assert f"def {name.split(':')[0]}(" in source, f"{page.name}:{block['line']}: no test {name} in {path}"
         assert page.name in source, f"{page.name}:{block['line']}: {path} does not read {page.name}"
+
+
+def test_every_slow_test_is_listed_in_the_design_page():
+    """docs/design.md names each slow end-to-end test, so a reader knows what `-m slow` runs."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for name in re.findall(r"@pytest\.mark\.slow\n(?:@.*\n)*def (\w+)", path.read_text()):
+            assert f"tests/{path.name}::{name}" in design, f"docs/design.md does not list tests/{path.name}::{name}"
