@@ -12,7 +12,6 @@
 """
 
 import argparse
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,7 +114,7 @@ def loading(what: str, name: str):
         yield
     except UsageError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError, ImportError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as error:
         raise UsageError(f"{what} {name}: could not be loaded: {reason(error, name)}") from None
     except Exception as error:  # safetensors' SafetensorError, huggingface_hub's HTTP errors: no common base
         if type(error).__module__.split(".")[0] not in ("safetensors", "huggingface_hub", "requests", "httpx"):
