@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import finetune, plan, pretrain
 from .diagnostics import CURVES_FILE, draw_training_curves, read_metrics
-from .errors import Destination, Interrupted, UsageError, at_least
+from .errors import Destination, Interrupted, UsageError, at_least, read_json_object
 from .model_folder import PRETRAINING_FILE
 from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
 from .hub import ReleaseError, convert, convert_sparse, export_plain, release
@@ -245,11 +245,8 @@ def run_release(args: argparse.Namespace) -> None:
 
 
 def read_report(path: str) -> dict:
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ReleaseError(f"--evaluation {path}: not a readable JSON report ({error}).") from None
-    if not isinstance(report, dict) or not {"data", *METRICS} <= set(report):
+    report = read_json_object("--evaluation", path)
+    if not {"data", *METRICS} <= set(report):
         raise ReleaseError(f"--evaluation {path}: not a `retromae evaluate` report (needs data, ndcg@10, mrr@10, recall@100).")
     return report
 

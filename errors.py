@@ -12,6 +12,7 @@
 """
 
 import argparse
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,19 @@ def check_exists(what: str, name: str, error: type[UsageError] = UsageError) -> 
     """A `what` (e.g. `--model`) that names a local path must exist; a Hub id is left to the loader."""
     if not is_hub_id(name) and not Path(name).expanduser().exists():
         raise error(f"{what} {name}: no such file or folder.")
+
+
+def read_json_object(flag: str, path: str) -> dict:
+    """The JSON object in the file `path` given to `flag`; a missing file or anything else is a `UsageError`."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot be read ({error.strerror}).") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{flag} {path}: not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag} {path}: must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 @contextmanager

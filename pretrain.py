@@ -8,11 +8,9 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -52,7 +50,7 @@ from .diagnostics import (
     training_evaluation,
     without_held_out,
 )
-from .errors import UsageError, at_least, check_exists, loading, positive, retromae_setting, seed, steps
+from .errors import UsageError, at_least, check_exists, loading, positive, read_json_object, retromae_setting, seed, steps
 from .model_folder import encoder_config_dict, public_name, quiet_loading, safetensors_shapes, save_atomically, write_model_files
 from .sparse_encoder import write_sparse_release
 from .passages import FirstPassage, PassageSplitter, TrainedPassages, empty_passages, unknown_passages
@@ -453,19 +451,6 @@ def check_engine(args: argparse.Namespace) -> None:
         args.fsdp_overrides = config
     elif args.fsdp:
         args.fsdp_overrides = {}
-
-
-def read_json_object(flag: str, path: str) -> dict:
-    """The JSON object in the file `path` given to `flag`; a missing file or anything else is a `UsageError`."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: cannot be read ({error.strerror}).") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{flag} {path}: not valid JSON ({error}).") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{flag} {path}: must hold a JSON object, got {type(config).__name__}.")
-    return config
 
 
 def finished(args: argparse.Namespace) -> bool:
