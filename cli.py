@@ -19,10 +19,11 @@ from .hub.card import TEMPLATE
 FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA"
 
 
-def add_command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    """A subcommand with its defaults shown in --help, and --debug."""
+def add_command(commands, handler, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand run by `handler(args)`, with its defaults shown in --help, and --debug."""
     command = commands.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     command.add_argument("--debug", action="store_true", help="On an error, show the full traceback instead of one line.")
+    command.set_defaults(handler=handler)
     return command
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pretraining = add_command(
         commands,
+        run_pretrain,
         "pretrain",
         help="pre-train or domain-adapt an encoder with RetroMAE",
         description=f"Pre-train a masked-LM encoder ({FAMILIES}) with RetroMAE on the transformers Trainer, then release the encoder "
@@ -42,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",
     )
     pretrain.add_arguments(pretraining)
-    pretraining.set_defaults(handler=run_pretrain)
 
     finetuning = add_command(
         commands,
+        run_finetune,
         "finetune",
         help="contrastive fine-tuning for retrieval (in-batch and hard negatives)",
         description="Fine-tune an encoder for retrieval with MultipleNegativesRankingLoss (or its cached variant) on "
@@ -54,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(trust_remote_code=True).",
     )
     finetune.add_arguments(finetuning)
-    finetuning.set_defaults(handler=run_finetune)
 
     evaluation = add_command(
         commands,
+        run_evaluate,
         "evaluate",
         help="dense retrieval on a BEIR-format folder: nDCG@10, MRR@10, Recall@100",
         description="Embed a BEIR-format folder's corpus and queries with a model, rank the documents by the model's "
@@ -82,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=at_least(1), default=32, help="Texts per encoding batch.")
     evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON (checked before scoring).")
     evaluation.add_argument("--overwrite", action="store_true", help="Replace an --output file that exists.")
-    evaluation.set_defaults(handler=run_evaluate)
 
     releasing = add_command(
         commands,
+        run_release,
         "release",
         help="publish a trained model as a complete Hub repository (one commit)",
         description="Assemble a Hub repository from a RetroMAE model folder (weights, config with auto_map, both code "
@@ -105,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     releasing.add_argument("--language", default="en", help="Language code for the card's metadata.")
     releasing.add_argument("--card-template", default=str(TEMPLATE), help="Jinja template of the model card.")
     releasing.add_argument("--commit-message", help="Commit message. Default: 'Release REPO_ID (retromae)'.")
-    releasing.set_defaults(handler=run_release)
 
     converting = add_command(
         commands,
+        run_convert,
         "convert",
         help="turn a checkpoint (e.g. the authors' RetroMAE) into a release folder, or back (--plain)",
         description="Convert a checkpoint of a supported family, ...ForMaskedLM or base-model layout (a folder or Hub "
@@ -130,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write the sparse (SPLADE) model of a checkpoint with an MLM head (a RetroMAE or DupMAE release): the family's "
         "...ForMaskedLM with max pooling of log(1 + ReLU(MLM scores)), loaded by SparseEncoder(DST) with no flag.",
     )
-    converting.set_defaults(handler=run_convert)
 
     planning = add_command(
         commands,
+        run_plan,
         "plan",
         help="peak memory per GPU of a pre-training job under DDP, ZeRO-1/2/3 and FSDP, and the largest batch that fits",
         description="Count, by formula, the peak memory per GPU of RetroMAE pre-training (weights, gradients, optimiser "
@@ -141,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and FSDP2, with and without gradient checkpointing, and the largest batch per GPU that fits. Nothing is downloaded.",
     )
     plan.add_arguments(planning)
-    planning.set_defaults(handler=run_plan)
 
     plotting = add_command(
         commands,
+        run_plot,
         "plot",
         help="draw a pre-training run's held-out evaluations (from OUTPUT_DIR/metrics.jsonl)",
         description="Draw the training curves of a `retromae pretrain` run from its metrics.jsonl: held-out losses, "
@@ -153,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plotting.add_argument("run_dir", metavar="RUN_DIR", help="The run's --output-dir (it holds metrics.jsonl).")
     plotting.add_argument("--output", help=f"Where the PNG is written. Default: RUN_DIR/{CURVES_FILE}.")
-    plotting.set_defaults(handler=run_plot)
     return parser
 
 
