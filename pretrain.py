@@ -249,12 +249,13 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     """Pre-train as `args` say; return the folder of the released encoder (`None` on the other processes)."""
     resolve_defaults(args)
     check_arguments(args)
-    if finished(args):
+    checkpoint = resume_checkpoint(args)
+    if checkpoint and finished(args, checkpoint):
         return None
     source = resolve_corpus(args.train_data, args.dataset_config, args.dataset_split) if args.train_data else None
     model, tokenizer = build_model_and_tokenizer(args)
-    if args.resume:
-        check_resumable(resume_checkpoint(args), model)
+    if checkpoint:
+        check_resumable(checkpoint, model)
     collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
     held_out = held_out_set(args, source, tokenizer, collator)  # before the training corpus is read: its masks are drawn at epoch 0
     dataset, records = training_passages(args, source, tokenizer)
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     trainer.add_callback(LossLineProgressCallback)
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+        trainer.train(resume_from_checkpoint=checkpoint)
     except CorpusError as error:
         raise stopped_on_bad_record(trainer, error) from None
     if interrupt.requested:
@@ -453,10 +454,9 @@ def check_engine(args: argparse.Namespace) -> None:
         args.fsdp_overrides = {}
 
 
-def finished(args: argparse.Namespace) -> bool:
-    """Whether --resume names a run that has already done its steps: it is then left as it is, and said so."""
-    checkpoint = resume_checkpoint(args)
-    step = finished_step(checkpoint, args.max_steps) if checkpoint else None
+def finished(args: argparse.Namespace, checkpoint: str) -> bool:
+    """Whether the checkpoint --resume continues from ended its run: the run is then left as it is, and said so."""
+    step = finished_step(checkpoint, args.max_steps)
     if step is None:
         return False
     release = Path(args.output_dir) / RELEASE_FOLDER
