@@ -8,14 +8,14 @@ Variants, with the same weights and the same batch, for an encoder of one family
   gemm       square matrix multiplies of the same FLOPs as `ours` (the machine's ceiling)
   compiled   `ours` under torch.compile (with --compile)
 With --objective dupmae, instead: DupMAE (RetroMAE v2) against RetroMAE on the same weights and batch, timed
-round-robin: FLOPs of both, the step-time ratio against the FLOP ratio, the bytes kept for backward and (on a GPU)
-the peak memory of a step. DupMAE's bag-of-words loss is first checked against its dense form (full logits) to 1e-4.
+round-robin: FLOPs of both, the step-time ratio against the FLOP ratio, the bytes kept for backward and the peak
+memory of a step. DupMAE's bag-of-words loss is first checked against its dense form (full logits) to 1e-4.
 Otherwise: plus collator throughput on one core (ours vs a per-row Python reference, as in the authors' code) and
 embedding throughput (the RetroMAE encoder class vs the family's base model). Before anything is timed, the losses of
 `ours` and `reference` must agree to 1e-4 (in float32, whatever --dtype times).
 
-Memory: the bytes each step keeps for its backward pass (activations, any device), and on a
-GPU the peak allocated memory of one step.
+Memory: the bytes each step keeps for its backward pass (activations), and the peak of memory
+held by tensors during one step (the allocator's peak on a GPU, the profiler's memory timeline on CPU).
 
     python benchmarks/benchmark_step.py                 # small config, a few minutes on 2 cores
     python benchmarks/benchmark_step.py --size base     # BERT-base (12 x 768)
@@ -210,15 +210,30 @@ def saved_for_backward_mib(compute_loss, model: torch.nn.Module | None = None) -
     return sum(storages.values()) / 2**20
 
 
-def peak_step_mib(step, device: torch.device) -> float | None:
-    """Peak GPU memory allocated during one training step (None off the GPU)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+def peak_step_mib(step, device: torch.device) -> float:
+    """
+    MiB held by tensors at the peak of one training step: on a GPU the allocator's peak
+    (`torch.cuda.max_memory_allocated`, every resident tensor counted); on CPU, which keeps no such
+    count, the PyTorch profiler's memory timeline of the step: the tensors the step touches that
+    existed before it (weights, gradients, optimiser state) plus what it allocates, as allocations
+    and frees come. Either is the memory `retromae plan` models; the CPU process's resident set
+    adds the allocator's retained pages and the libraries' scratch buffers, which no tensor holds.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler._memory_profiler import Action  # the timeline's public exporter is deprecated; its source is not
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as profiler:
+        step()
+    live = peak = 0
+    for _, action, _, size in profiler._memory_profile().timeline:
+        live += size if action in (Action.PREEXISTING, Action.CREATE) else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def gemm_seconds(flops: int, repeats: int, device: torch.device, dtype: torch.dtype, synchronize) -> tuple[float, float]:
@@ -399,7 +414,7 @@ def dupmae_against_retromae(args, tokenizer, seq_length: int) -> dict:
         "saved_for_backward_mib": saved_mib,
         "dupmae_over_retromae_saved_for_backward": saved_mib["dupmae"] / saved_mib["retromae"],
         "peak_step_mib": peak_mib,
-        "dupmae_over_retromae_peak": peak_mib["dupmae"] / peak_mib["retromae"] if peak_mib["retromae"] else None,
+        "dupmae_over_retromae_peak": peak_mib["dupmae"] / peak_mib["retromae"],
     }
 
 
@@ -408,19 +423,19 @@ def print_dupmae_table(report: dict) -> None:
     print("L      vocab    RetroMAE s  DupMAE s  time x  FLOP x  time/FLOP  saved MiB (R/D)  peak MiB (R/D)")
     for r in report["results"]:
         s, saved, peak = r["step_seconds"], r["saved_for_backward_mib"], r["peak_step_mib"]
-        peaks = f"{peak['retromae']:.0f}/{peak['dupmae']:.0f}" if peak["retromae"] is not None else "-"
         print(
             f"{r['seq_length']:<6} {r['vocab_size']:<8} {s['retromae']:<11.3f} {s['dupmae']:<9.3f} {r['dupmae_over_retromae_seconds']:<7.3f} "
             f"{r['dupmae_over_retromae_flops']:<7.3f} {r['time_ratio_over_flop_ratio']:<10.3f} "
-            f"{saved['retromae']:.0f}/{saved['dupmae']:.0f}{'':<8} {peaks}"
+            f"{saved['retromae']:.0f}/{saved['dupmae']:.0f}{'':<8} {peak['retromae']:.0f}/{peak['dupmae']:.0f}"
         )
 
 
 def one_process_step(args, tokenizer) -> dict:
     """
     One variant at one length in this process: median step seconds (collation included), tokens/s,
-    peak memory, and the memory before the model was built (the process's baseline: the libraries
-    and the tokenizer). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
+    the peak memory of the process (resident set on CPU, allocated on a GPU) with its memory before
+    the model was built (the baseline: the libraries and the tokenizer), and the peak held by tensors
+    in one step (`peak_step_mib`). For `ours`, `retromae plan`'s figure for the step (one process, no engine)
     comes with them, in the step's precision. With a peak FLOP/s (`--peak-tflops`), the step's
     FLOPs and its model FLOPs utilisation as well: FLOPs counted on one example with gradient
     checkpointing off (its recomputation is not model work), times the batch.
@@ -460,12 +475,14 @@ def one_process_step(args, tokenizer) -> dict:
         flops = counter.get_total_flops() * args.batch_size
         model.zero_grad(set_to_none=True)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()
     step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: loss_of(ids))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = median_seconds(step, args.repeats, args.warmup, synchronize)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+    tensor_peak_gib = peak_step_mib(step, device) / 2**10
     return {
         "variant": variant,
         "seq_length": seq_length,
@@ -475,6 +492,8 @@ def one_process_step(args, tokenizer) -> dict:
         "mfu": flops / seconds / (args.peak_tflops * 1e12) if flops else None,
         "peak_gib": peak / 2**30,
         "baseline_gib": baseline / 2**30,
+        "tensor_peak_gib": tensor_peak_gib,
+        "reserved_gib": reserved / 2**30 if reserved is not None else None,
         "planned_gib": planned,
     }
 
@@ -527,10 +546,13 @@ def device_peak_tflops(name: str) -> float:
 
 
 def write_markdown_table(paths: list[str], output: str) -> None:
-    """One row per report and variant: step time, tokens/s, MFU, peak memory, and the plan's figure for ours."""
+    """
+    One row per report and variant: step time, tokens/s, MFU, the peak held by tensors, the CUDA
+    allocator's peak reserve (what the process takes from the GPU), and the plan's figure for ours.
+    """
     lines = [
-        "| model | L | batch | checkpointing | step | s/step | tokens/s | MFU | peak GiB | planned GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | L | batch | checkpointing | step | s/step | tokens/s | MFU | tensors GiB | reserved GiB | planned GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     machines = []
     for path in paths:
@@ -541,11 +563,11 @@ def write_markdown_table(paths: list[str], output: str) -> None:
             for variant, name in (("ours", "RetroMAE"), ("mlm", "family MLM")):
                 row = result[variant]
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-                planned = f"{row['planned_gib']:.2f}" if row["planned_gib"] is not None else "-"
+                planned, reserved = (f"{row[key]:.2f}" if row[key] is not None else "-" for key in ("planned_gib", "reserved_gib"))
                 lines.append(
                     f"| {report['family']} {report['size']} | {result['seq_length']} | {report['batch_size']} | "
                     f"{'on' if report['gradient_checkpointing'] else 'off'} | {name} | {row['step_seconds']:.3f} | "
-                    f"{row['tokens_per_second']:,.0f} | {mfu} | {row['peak_gib']:.2f} | {planned} |"
+                    f"{row['tokens_per_second']:,.0f} | {mfu} | {row['tensor_peak_gib']:.2f} | {reserved} | {planned} |"
                 )
     lines.append(f"\n{'; '.join(sorted(set(machines)))}; {report['dtype']} autocast, MFU against {report['peak_tflops']} TFLOP/s.")
     with open(output, "w") as file:
@@ -581,12 +603,13 @@ def print_length_table(report: dict) -> None:
             f"{r['seq_length']:<6} {r['ours']['peak_gib']:<9.2f} {r['mlm']['peak_gib']:<8.2f} {r['memory_ours_over_mlm']:<9.2f} "
             f"{r['ours']['step_seconds']:<8.2f} {r['mlm']['step_seconds']:<8.2f} {r['time_ours_over_mlm']:.2f}"
         )
-    print("\nretromae plan against the measured step (ours; peak minus the process's memory before the model was built):")
-    print("| L | measured GiB | planned GiB | error |")
-    print("|---|---|---|---|")
+    print("\nretromae plan against the measured step (ours): the peak held by tensors, and the process's peak minus its memory before the model was built:")
+    print("| L | tensors MiB | process MiB | planned MiB | error (tensors) | error (process) |")
+    print("|---|---|---|---|---|---|")
     for r in report["results"]:
-        measured = r["ours"]["peak_gib"] - r["ours"]["baseline_gib"]
-        print(f"| {r['seq_length']} | {measured:.3f} | {r['ours']['planned_gib']:.3f} | {100 * (r['ours']['planned_gib'] / measured - 1):+.0f}% |")
+        ours = r["ours"]
+        tensors, process, planned = (2**10 * gib for gib in (ours["tensor_peak_gib"], ours["peak_gib"] - ours["baseline_gib"], ours["planned_gib"]))
+        print(f"| {r['seq_length']} | {tensors:,.0f} | {process:,.0f} | {planned:,.0f} | {100 * (planned / tensors - 1):+.0f}% | {100 * (planned / process - 1):+.0f}% |")
 
 
 def print_table(report: dict) -> None:
@@ -603,8 +626,7 @@ def print_table(report: dict) -> None:
         for name, parts in r["step_flops"].items():
             print(f"      {name} GFLOP " + ", ".join(f"{part} {flops / 1e9:.1f}" for part, flops in parts.items()))
         print(f"      FLOPs ours/mlm {r['ours_over_mlm_flops']:.2f}; mlm FLOP/GEMM {r['mlm_achieved_over_gemm_flops']:.2f}")
-        if r["peak_step_mib"]["ours"] is not None:
-            print("      peak MiB " + ", ".join(f"{name} {mib:.0f}" for name, mib in r["peak_step_mib"].items()))
+        print("      peak MiB " + ", ".join(f"{name} {mib:.0f}" for name, mib in r["peak_step_mib"].items()))
 
 
 def main() -> None:

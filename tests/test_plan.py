@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from retromae.cli import main
 from retromae.plan import GIB, Parameters, activation_bytes, engine_memory, largest_batch, make_plan, parameter_counts, step_memory
 
 from conftest import TEXTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from benchmark_step import peak_step_mib  # noqa: E402  (the benchmarks' measurement, so that both report the same figure)
 
 
 H, LAYERS, INNER, VOCAB, POSITIONS = 32, 2, 64, 100, 128
@@ -61,6 +65,28 @@ def test_planned_activations_match_what_a_step_keeps_for_backward(bert, tokenize
         model(**batch)
     planned = activation_bytes(config, 2, batch["encoder_input_ids"].shape[1], 4, checkpointing=False)
     assert sum(planned[part] for part in ("encoder", "decoder", "head")) == pytest.approx(sum(storages.values()), rel=0.15)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "checkpointed"])
+def test_the_planned_peak_is_what_a_step_allocates(bert, tokenizer, checkpointing):
+    """The plan's peak (one process, float32) against the most memory tensors held during a measured step, within 10%."""
+    torch.manual_seed(0)
+    config = BertConfig(**(bert.to_dict() | {"vocab_size": len(tokenizer), "max_position_embeddings": 512}))
+    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config)).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    batch = RetroMAECollator(tokenizer, max_length=256, seed=0)([" ".join(TEXTS * 4)] * 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    step()  # the optimiser's state exists from the first step on, as in every later one
+    measured = peak_step_mib(step, torch.device("cpu")) * 2**20
+    planned = step_memory(config, parameter_counts(config), 2, batch["encoder_input_ids"].shape[1], "DDP", 1, "fp32", checkpointing)
+    assert planned.peak == pytest.approx(measured, rel=0.10)
 
 
 def test_engines_split_the_state_as_zero_and_fsdp_do():
