@@ -16,7 +16,7 @@ from retromae.plan import GIB, Parameters, activation_bytes, engine_memory, larg
 from conftest import TEXTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from benchmark_step import peak_step_mib  # noqa: E402  (the benchmarks' measurement, so that both report the same figure)
+from benchmark_step import peak_step_mib, training_step  # noqa: E402  (the benchmarks' measurement, so that both report the same figure)
 
 
 H, LAYERS, INNER, VOCAB, POSITIONS = 32, 2, 64, 100, 128
@@ -76,13 +76,7 @@ def test_the_planned_peak_is_what_a_step_allocates(bert, tokenizer, checkpointin
     if checkpointing:
         model.activation_checkpointing_enable()
     batch = RetroMAECollator(tokenizer, max_length=256, seed=0)([" ".join(TEXTS * 4)] * 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        optimizer.step()
-
+    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: model(**batch).loss)
     step()  # the optimiser's state exists from the first step on, as in every later one
     measured = peak_step_mib(step, torch.device("cpu")) * 2**20
     planned = step_memory(config, parameter_counts(config), 2, batch["encoder_input_ids"].shape[1], "DDP", 1, "fp32", checkpointing)
