@@ -567,7 +567,9 @@ def gathered_copy(model: RetroMAEForPreTraining) -> RetroMAEForPreTraining:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a tensor FSDP shards (a DTensor), or the tensor itself."""
+    """This process's shard of a weight FSDP (a DTensor) or DeepSpeed ZeRO-3 (its `ds_tensor`) shards, or the tensor itself."""
+    if hasattr(tensor, "ds_tensor"):  # ZeRO-3 leaves the weight itself empty outside a forward
+        return tensor.ds_tensor
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
