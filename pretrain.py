@@ -7,11 +7,13 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -27,6 +29,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
@@ -287,13 +290,31 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
     if trainer.is_world_process_zero():
         evaluations = MetricsFile(args.output_dir).records() if held_out is not None else []
         summary = run_summary(args, trainer, source, records, dataset, time.perf_counter() - started)
-        release_encoder(
-            trainer.model, tokenizer, release, summary | {"training_evaluation": training_evaluation(evaluations)}, weights, evaluations
-        )
-        if args.objective == "dupmae":  # the sparse retriever beside the dense one (docs/sparse.md)
-            write_sparse_release(Path(args.output_dir) / SPARSE_FOLDER, trainer.model.released_encoder(weights=weights), tokenizer, summary)
+        with unpartitioned_loading(trainer):
+            release_encoder(
+                trainer.model, tokenizer, release, summary | {"training_evaluation": training_evaluation(evaluations)}, weights, evaluations
+            )
+            if args.objective == "dupmae":  # the sparse retriever beside the dense one (docs/sparse.md)
+                write_sparse_release(Path(args.output_dir) / SPARSE_FOLDER, trainer.model.released_encoder(weights=weights), tokenizer, summary)
     trainer.accelerator.wait_for_everyone()
     return release if trainer.is_world_process_zero() else None
+
+
+@contextlib.contextmanager
+def unpartitioned_loading(trainer: Trainer) -> Iterator[None]:
+    """
+    While a DeepSpeed ZeRO-3 config is set, transformers builds every model it loads partitioned
+    across the processes (`deepspeed.zero.Init`), which waits for all of them; the releases are
+    written by process 0 alone, and the sparse one loads a model, so the config is set aside.
+    """
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
 
 
 def training_passages(args: argparse.Namespace, source: CorpusSource | None, tokenizer) -> tuple:
