@@ -538,8 +538,11 @@ def whole(model: RetroMAEForPreTraining, batch: dict[str, torch.Tensor]) -> Iter
         yield gathered_copy(model)
         return
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    if units:
-        model(**{name: tensor.to(model.device) for name, tensor in batch.items()})
+    if units:  # without dropout or a graph: the training's random draws and memory stay as they were
+        training = model.training
+        with torch.no_grad():
+            model.eval()(**{name: tensor.to(model.device) for name, tensor in batch.items()})
+        model.train(training)
     for unit in units:
         unit.unshard()
     try:
