@@ -16,7 +16,7 @@ from retromae.plan import GIB, Parameters, activation_bytes, engine_memory, larg
 from conftest import TEXTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from benchmark_step import peak_step_mib, training_step  # noqa: E402  (the benchmarks' measurement, so that both report the same figure)
+from benchmark_step import peak_step_mib, saved_for_backward_mib, training_step  # noqa: E402  (the benchmarks' measurements, so that both report the same figures)
 
 
 H, LAYERS, INNER, VOCAB, POSITIONS = 32, 2, 64, 100, 128
@@ -50,36 +50,38 @@ def test_checkpointing_keeps_only_each_encoder_layers_input(bert):
     assert checkpointed["recompute"] >= per_layer
 
 
-def test_planned_activations_match_what_a_step_keeps_for_backward(bert, tokenizer):
+@pytest.fixture(scope="module")
+def measured_config(bert, tokenizer) -> BertConfig:
+    """The tiny BERT with the real tokenizer's vocabulary and room for 256 tokens: the configuration whose steps are measured."""
+    return BertConfig(**(bert.to_dict() | {"vocab_size": len(tokenizer), "max_position_embeddings": 512}))
+
+
+@pytest.fixture(scope="module")
+def measured_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """Two passages of 256 tokens."""
+    return RetroMAECollator(tokenizer, max_length=256, seed=0)([" ".join(TEXTS * 4)] * 2)
+
+
+def test_planned_activations_match_what_a_step_keeps_for_backward(measured_config, measured_batch):
     """The formula's stored activations against the bytes autograd actually keeps for one float32 step, within 15%."""
-    config = BertConfig(**(bert.to_dict() | {"vocab_size": len(tokenizer), "max_position_embeddings": 512}))
-    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config)).train()
-    batch = RetroMAECollator(tokenizer, max_length=256, seed=0)([" ".join(TEXTS * 4)] * 2)
-    storages = {}
-
-    def keep(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(**batch)
-    planned = activation_bytes(config, 2, batch["encoder_input_ids"].shape[1], 4, checkpointing=False)
-    assert sum(planned[part] for part in ("encoder", "decoder", "head")) == pytest.approx(sum(storages.values()), rel=0.15)
+    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=measured_config)).train()
+    kept = saved_for_backward_mib(lambda: model(**measured_batch)) * 2**20
+    planned = activation_bytes(measured_config, 2, measured_batch["encoder_input_ids"].shape[1], 4, checkpointing=False)
+    assert sum(planned[part] for part in ("encoder", "decoder", "head")) == pytest.approx(kept, rel=0.15)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "checkpointed"])
-def test_the_planned_peak_is_what_a_step_allocates(bert, tokenizer, checkpointing):
+def test_the_planned_peak_is_what_a_step_allocates(measured_config, measured_batch, checkpointing):
     """The plan's peak (one process, float32) against the most memory tensors held during a measured step, within 10%."""
     torch.manual_seed(0)
-    config = BertConfig(**(bert.to_dict() | {"vocab_size": len(tokenizer), "max_position_embeddings": 512}))
-    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=config)).train()
+    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=measured_config)).train()
     if checkpointing:
         model.activation_checkpointing_enable()
-    batch = RetroMAECollator(tokenizer, max_length=256, seed=0)([" ".join(TEXTS * 4)] * 2)
-    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: model(**batch).loss)
+    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), lambda: model(**measured_batch).loss)
     step()  # the optimiser's state exists from the first step on, as in every later one
     measured = peak_step_mib(step, torch.device("cpu")) * 2**20
-    planned = step_memory(config, parameter_counts(config), 2, batch["encoder_input_ids"].shape[1], "DDP", 1, "fp32", checkpointing)
+    seq_length = measured_batch["encoder_input_ids"].shape[1]
+    planned = step_memory(measured_config, parameter_counts(measured_config), 2, seq_length, "DDP", 1, "fp32", checkpointing)
     assert planned.peak == pytest.approx(measured, rel=0.10)
 
 
