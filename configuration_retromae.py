@@ -4,6 +4,7 @@ This file is Hub remote code: it imports only transformers (and huggingface_hub,
 transformers itself depends on), so it runs unchanged when downloaded with a model.
 """
 
+import math
 from dataclasses import fields
 
 from huggingface_hub.dataclasses import strict
@@ -137,8 +138,8 @@ class RetroMAEConfig(PreTrainedConfig):
         """Raise `ValueError` naming the field when the objective cannot be trained as configured."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
-        if not self.bow_loss_weight >= 0.0:
-            raise ValueError(f"bow_loss_weight must be at least 0, got {self.bow_loss_weight!r}.")
+        if not 0.0 <= self.bow_loss_weight < math.inf:
+            raise ValueError(f"bow_loss_weight must be a finite number of at least 0, got {self.bow_loss_weight!r}.")
         if self.objective != "dupmae":
             return
         if not self.enhanced_decoding:

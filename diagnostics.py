@@ -109,7 +109,7 @@ def resolve_defaults(args: argparse.Namespace, demo: dict) -> None:
         args.eval_split = demo.get("eval_split")
     if args.eval_size is None:
         args.eval_size = demo.get("eval_size", EVAL_SIZE)
-    if args.eval_steps is None:
+    if args.eval_steps is None and (args.eval_data is not None or args.eval_split is not None):
         args.eval_steps = args.save_steps
 
 
@@ -119,6 +119,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DiagnosticsError("Give --eval-data or --eval-split, not both: the held-out passages come from one of them.")
     if args.eval_split is not None and not 0.0 < args.eval_split < MAX_EVAL_SPLIT:
         raise DiagnosticsError(f"--eval-split must lie strictly between 0 and {MAX_EVAL_SPLIT}, got {args.eval_split}.")
+    if args.eval_steps is not None and args.eval_data is None and args.eval_split is None:
+        raise DiagnosticsError("--eval-steps needs held-out passages to evaluate: give --eval-split or --eval-data too.")
 
 
 def evaluation_schedule(args: argparse.Namespace) -> dict:

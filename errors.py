@@ -13,6 +13,7 @@
 
 import argparse
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,8 @@ def at_least(minimum: float, kind: type = int):
 
     def parse(text: str):
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not value >= minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
@@ -60,6 +63,8 @@ def retromae_setting(name: str, kind: type):
 def positive(text: str) -> float:
     """An argparse type: a number above 0."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value

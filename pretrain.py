@@ -9,10 +9,13 @@ the trained encoder (without the decoder, as in the paper) as a Hub-ready folder
 import argparse
 import contextlib
 import importlib.util
+import itertools
+import json
 import os
 import platform
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.training_args import ParallelMode
 
-from .collator import RetroMAECollator
+from .collator import RetroMAECollator, special_token_ids
 from .configuration_retromae import OBJECTIVES, RetroMAEConfig
 from .corpus import CorpusSource, load_corpus, resolve_corpus, skipped_records, streamed_records
 from .data import CorpusError, demo_corpus
@@ -75,8 +78,18 @@ DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 DEMO_EVALUATION = dict(eval_split=0.02, eval_size=48)  # held-out passages that keep evaluation within 5% of the demo's time
 
 RELEASE_FOLDER = "model"
+RUN_FILE = "retromae_run.json"
+# The settings that define a run: --resume takes them from the run it continues, and refuses a flag that contradicts one.
+RUN_DEFINING = ("objective", "bow_loss_weight", "encoder_mask_ratio", "decoder_mask_ratio", "enhanced_decoding", "decoder_mask_patterns", "max_length")
+# Where a run's model, tokenizer and corpus came from: --resume takes them from the run it continues unless given.
+RUN_SOURCES = ("model", "config", "tokenizer", "train_data", "dataset_config")
 SPARSE_FOLDER = "sparse"
 STREAM_BATCH = 64
+# A BoW weight from which the bag-of-words term outweighs the two RetroMAE losses (of the same scale) by orders of magnitude.
+DOMINANT_BOW_WEIGHT = 100.0
+# Records read before training to check that the tokenizer can spell the corpus, and the share of all-[UNK] passages refused.
+SPELLING_SAMPLE = 256
+UNSPELLABLE_SHARE = 0.9
 LENGTH_GROUP_BATCHES = 64
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
 DEMO_CORPUS = "English Wikipedia excerpt (gensim test data, CC BY-SA), cleaned to paragraphs"
@@ -152,33 +165,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        default="retromae",
         help="retromae: the paper's encoder + decoder loss; dupmae: RetroMAE v2 (DupMAE), which adds a bag-of-words "
         "loss on the encoder's MLM scores and sends h_X through the embeddings for the query stream. Default: retromae.",
     )
     method.add_argument(
         "--bow-loss-weight",
-        type=float,
-        help=f"Weight of DupMAE's bag-of-words loss (--objective dupmae only), at least 0. Default: {RetroMAEConfig.bow_loss_weight}.",
+        type=at_least(0, float),
+        help=f"Weight of DupMAE's bag-of-words loss (--objective dupmae only), a finite number of at least 0. Default: {RetroMAEConfig.bow_loss_weight}.",
     )
     method.add_argument(
-        "--encoder-mask-ratio", type=retromae_setting("encoder_mask_ratio", float), default=RetroMAEConfig.encoder_mask_ratio, help="Encoder masking ratio (paper: 0.15-0.30). Default: %(default)s."
+        "--encoder-mask-ratio", type=retromae_setting("encoder_mask_ratio", float), help=f"Encoder masking ratio (paper: 0.15-0.30). Default: {RetroMAEConfig.encoder_mask_ratio}."
     )
     method.add_argument(
-        "--decoder-mask-ratio", type=retromae_setting("decoder_mask_ratio", float), default=RetroMAEConfig.decoder_mask_ratio, help="Decoder masking ratio (paper: 0.50-0.70). Default: %(default)s."
+        "--decoder-mask-ratio", type=retromae_setting("decoder_mask_ratio", float), help=f"Decoder masking ratio (paper: 0.50-0.70). Default: {RetroMAEConfig.decoder_mask_ratio}."
     )
     method.add_argument(
         "--no-enhanced-decoding",
         dest="enhanced_decoding",
         action="store_false",
+        default=None,
         help="The paper's ablation: the decoder reads a masked copy with ordinary self-attention. Default: enhanced decoding.",
     )
     method.add_argument(
         "--decoder-mask-patterns",
         type=retromae_setting("decoder_mask_patterns", int),
-        default=RetroMAEConfig.decoder_mask_patterns,
         help="Whole-word patterns drawn per passage for the enhanced-decoding mask: every row has its own up to this "
-        "many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: %(default)s.",
+        f"many tokens; in longer passages rows take one of them at random, as the authors' code does. Default: {RetroMAEConfig.decoder_mask_patterns}.",
     )
     method.add_argument(
         "--max-length",
@@ -250,15 +262,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path | None:
     """Pre-train as `args` say; return the folder of the released encoder (`None` on the other processes)."""
-    resolve_defaults(args)
-    check_arguments(args)
     checkpoint = resume_checkpoint(args)
-    if checkpoint and finished(args, checkpoint):
-        return None
+    resolve_defaults(args, resumed_settings(checkpoint) if checkpoint else None)
+    check_arguments(args)
     source = resolve_corpus(args.train_data, args.dataset_config, args.dataset_split) if args.train_data else None
     model, tokenizer = build_model_and_tokenizer(args)
     if checkpoint:
-        check_resumable(checkpoint, model)
+        check_resumable(checkpoint, model)  # before the finished-run test: a run of another model is not this one
+        if finished(args, checkpoint):
+            return None
     collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
     held_out = held_out_set(args, source, tokenizer, collator)  # before the training corpus is read: its masks are drawn at epoch 0
     dataset, records = training_passages(args, source, tokenizer)
@@ -278,6 +290,7 @@ def run(args: argparse.Namespace, callbacks: list[TrainerCallback] = ()) -> Path
         raise UsageError(FSDP_NOT_SHARDED)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossLineProgressCallback)
+    write_run_settings(args, model)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -332,6 +345,7 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     """
     dataset = load_corpus(source, args.text_column, args.streaming, args.skip_bad_records) if source else demo_corpus()
     dataset = without_held_out(dataset, args)
+    check_spelling(dataset, tokenizer, args.max_length)
     records = None if args.streaming else len(dataset)
     cut = (PassageSplitter if args.passages == "split" else FirstPassage)(tokenizer, args.max_length)
     trained = TrainedPassages(tokenizer)
@@ -348,6 +362,26 @@ def training_passages(args: argparse.Namespace, source: CorpusSource | None, tok
     if args.group_by_length:
         dataset = grouped_by_length(dataset, args)
     return dataset, records
+
+
+def check_spelling(dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    """
+    Refuse a corpus the tokenizer cannot spell: if nearly every passage of its first records is
+    nothing but [UNK] (a tokenizer of another script, or of special tokens alone), the run would
+    learn to rebuild [UNK] and release an encoder that embeds nothing.
+    """
+    if tokenizer.unk_token_id is None:
+        return
+    texts = [record["text"] for record in itertools.islice(dataset, SPELLING_SAMPLE)]
+    special = set(special_token_ids(tokenizer))
+    passages = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    with_text = [(text, ids) for text, ids in zip(texts, passages) if any(i not in special for i in ids)]
+    unknown = [text for text, ids in with_text if all(i == tokenizer.unk_token_id or i in special for i in ids)]
+    if with_text and len(unknown) >= UNSPELLABLE_SHARE * len(with_text):
+        raise CorpusError(
+            f"The tokenizer cannot spell this corpus: {len(unknown)} of the first {len(with_text)} passages are nothing "
+            f"but [UNK] (for example {unknown[0][:80]!r}). Give the tokenizer of the model's language (--tokenizer)."
+        )
 
 
 def grouped_by_length(dataset, args: argparse.Namespace):
@@ -393,8 +427,13 @@ def stopped_on_bad_record(trainer: Trainer, error: CorpusError) -> CorpusError:
     )
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill the settings left unset: the demo's on the demo corpus, a full run's otherwise."""
+def resolve_defaults(args: argparse.Namespace, resumed: dict | None = None) -> None:
+    """
+    Fill the settings left unset: a resumed run's from the run it continues (`resumed`, where a
+    flag that contradicts one that defines the run is refused), then the demo's on the demo corpus,
+    a full run's otherwise, then RetroMAE's own.
+    """
+    take_resumed_settings(args, resumed or {})
     preset = FULL_RUN if args.train_data else DEMO_RUN
     for name, value in preset.items():
         if getattr(args, name) is None:
@@ -402,8 +441,73 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     diagnostics.resolve_defaults(args, {} if args.train_data else DEMO_EVALUATION)
     if args.model is None and args.config is None:
         args.model = demo_model_path()
+    for name in ("objective", "encoder_mask_ratio", "decoder_mask_ratio", "enhanced_decoding", "decoder_mask_patterns"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(RetroMAEConfig, name))
     if args.objective == "dupmae" and args.bow_loss_weight is None:
         args.bow_loss_weight = RetroMAEConfig.bow_loss_weight
+
+
+def take_resumed_settings(args: argparse.Namespace, resumed: dict) -> None:
+    """
+    A resumed run is the run it continues: the settings that define it (`RUN_DEFINING`) are that
+    run's, and a flag that contradicts one is refused naming both values; its model, tokenizer and
+    corpus are that run's unless the command names others.
+    """
+    for name in RUN_DEFINING:
+        given = getattr(args, name)
+        if name not in resumed:
+            continue
+        if given is not None and given != resumed[name]:
+            flag = "--no-enhanced-decoding" if name == "enhanced_decoding" else f"--{name.replace('_', '-')}"
+            raise UsageError(
+                f"{flag} {given}: the run being resumed ({resumed['checkpoint']}) has {name} {resumed[name]}, which "
+                "defines it. Drop the flag to continue that run, or start a new one in another --output-dir."
+            )
+        setattr(args, name, resumed[name])
+    if args.model is None and args.config is None:
+        args.model, args.config = resumed.get("model"), resumed.get("config")
+    for name in ("tokenizer", "train_data", "dataset_config"):
+        if getattr(args, name) is None:
+            setattr(args, name, resumed.get(name))
+    family = resumed.get("family")
+    if family and args.model and encoder_type(args.model) != family:
+        raise UsageError(
+            f"--model {args.model}: a {encoder_type(args.model)} checkpoint, but the run being resumed "
+            f"({resumed['checkpoint']}) pre-trains a {family} encoder."
+        )
+
+
+def resumed_settings(checkpoint: str) -> dict:
+    """
+    The settings of the run a checkpoint belongs to: its OUTPUT_DIR/retromae_run.json; for a run
+    written before that file, the RetroMAE settings of the checkpoint's config.json.
+    """
+    record = Path(checkpoint).parent / RUN_FILE
+    config = Path(checkpoint) / "config.json"
+    if record.is_file():
+        with loading("--resume", str(record)):
+            settings = json.loads(record.read_text())
+    elif config.is_file():
+        with loading("--resume", str(config)):
+            saved = json.loads(config.read_text())
+        settings = {name: saved[name] for name in RUN_DEFINING if name in saved}
+        settings["bow_loss_weight"] = saved.get("bow_loss_weight") if saved.get("objective") == "dupmae" else None
+    else:
+        settings = {}
+    return settings | {"checkpoint": checkpoint}
+
+
+def write_run_settings(args: argparse.Namespace, model: RetroMAEForPreTraining) -> None:
+    """OUTPUT_DIR/retromae_run.json: what defines this run and where its model, tokenizer and corpus came from, for --resume."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    settings = {name: getattr(args, name) for name in (*RUN_DEFINING, *RUN_SOURCES)} | {"family": model.config.encoder.model_type}
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / f".{RUN_FILE}.tmp-{os.getpid()}"
+    staged.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(staged, folder / RUN_FILE)
 
 
 def demo_model_path() -> str:
@@ -425,6 +529,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--bow-loss-weight applies to --objective dupmae only; this run's --objective is {args.objective}.")
     if args.bow_loss_weight is not None and not args.bow_loss_weight >= 0:
         raise UsageError(f"--bow-loss-weight must be at least 0, got {args.bow_loss_weight}.")
+    if args.bow_loss_weight is not None and args.bow_loss_weight >= DOMINANT_BOW_WEIGHT:
+        warnings.warn(
+            f"--bow-loss-weight {args.bow_loss_weight:g}: the bag-of-words loss starts near the encoder's and decoder's "
+            f"(all three about ln of the vocabulary size), so this weight makes it {args.bow_loss_weight:.0e} times "
+            f"theirs, and RetroMAE's two losses barely train. DupMAE's authors use {RetroMAEConfig.bow_loss_weight}.",
+            stacklevel=2,
+        )
     if args.objective == "dupmae" and not args.enhanced_decoding:
         raise UsageError("--objective dupmae needs enhanced decoding (DupMAE's query stream is its): drop --no-enhanced-decoding.")
     if args.streaming and args.max_steps < 1:
@@ -467,7 +578,7 @@ def check_engine(args: argparse.Namespace) -> None:
         if unknown:
             raise UsageError(f"--fsdp {args.fsdp}: unknown keys {', '.join(unknown)}; allowed: {', '.join(FSDP_CONFIG_KEYS)}.")
         if config.get("version", 2) != 2:
-            raise UsageError(f"--fsdp {args.fsdp}: version must be 2 (FSDP2), got {config['version']}.")
+            raise UsageError(f"--fsdp {args.fsdp}: version must be the number 2 (FSDP2), got {json.dumps(config['version'])}.")
         if config.get("state_dict_type", STATE_DICT_TYPES[0]) not in STATE_DICT_TYPES:
             raise UsageError(f"--fsdp {args.fsdp}: state_dict_type must be one of {', '.join(STATE_DICT_TYPES)}, got {config['state_dict_type']}.")
         args.fsdp_overrides = config
@@ -480,11 +591,16 @@ def finished(args: argparse.Namespace, checkpoint: str) -> bool:
     step = finished_step(checkpoint, args.max_steps)
     if step is None:
         return False
-    release = Path(args.output_dir) / RELEASE_FOLDER
+    release, sparse = Path(args.output_dir) / RELEASE_FOLDER, Path(args.output_dir) / SPARSE_FOLDER
     if not release.is_dir():
         raise UsageError(
             f"--resume: the run in {args.output_dir} finished at step {step}, but {release} is missing: write it with "
             f"`retromae convert {checkpoint} {release}`."
+        )
+    if args.objective == "dupmae" and not sparse.is_dir():
+        raise UsageError(
+            f"--resume: the DupMAE run in {args.output_dir} finished at step {step}, but its sparse model {sparse} is "
+            f"missing: write it with `retromae convert --sparse {release} {sparse}`."
         )
     if os.environ.get("RANK", "0") == "0":
         print(f"The run in {args.output_dir} already finished at step {step} ({checkpoint}); its model is {release}. Nothing was changed.")
@@ -541,6 +657,12 @@ def build_model_and_tokenizer(args: argparse.Namespace) -> tuple[RetroMAEForPreT
     vocab_size, positions = model.config.encoder.vocab_size, max_tokens(model.config.encoder)
     if len(tokenizer) > vocab_size:
         raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {vocab_size}.")
+    if len(tokenizer) < vocab_size // 2:  # transformers makes a tokenizer of the special tokens alone from a bare tokenizer_config.json
+        raise UsageError(
+            f"--tokenizer {args.tokenizer or args.model}: the tokenizer loaded has {len(tokenizer)} tokens for the model's "
+            f"vocabulary of {vocab_size}: it is not the model's (a folder with tokenizer_config.json but no vocabulary "
+            "file gives one of special tokens alone). Give the tokenizer the model was trained with."
+        )
     if args.max_length > positions:
         raise UsageError(f"--max-length {args.max_length} exceeds the {positions} tokens the model's positions allow.")
     if args.attn_implementation in ("flash_attention_2", "flex_attention") and os.environ.get("RANK", "0") == "0":

@@ -103,6 +103,17 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def working_folder(tmp_path_factory, monkeypatch) -> Path:
+    """
+    Every test runs in an empty folder of its own: what the current folder holds (the README's first
+    command leaves `retromae-output` there) changes no result, and a default path writes nowhere else.
+    """
+    folder = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(folder)
+    return folder
+
+
 # The remote-code map of configs written by earlier versions of the package (flat BERT fields, model type retromae).
 LEGACY_AUTO_MAP = {
     "AutoConfig": "configuration_retromae.RetroMAEConfig",

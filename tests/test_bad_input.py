@@ -70,6 +70,11 @@ def world(tmp_path_factory):
     write_jsonl(root / "dict-negatives.jsonl", [{**pairs[0], "negatives": {"a": 1, "b": 2}}])
     write_jsonl(root / "null-query.jsonl", [pairs[0], {"query": None, "positive": "p"}])
     (root / "latin1.jsonl").write_bytes(json.dumps(pairs[0]).encode() + b'\n{"query": "caf\xe9", "positive": "p"}\n')
+    only_config = root / "only-tokenizer-config"
+    only_config.mkdir()
+    shutil.copy(model / "tokenizer_config.json", only_config)
+    (root / "emoji.txt").write_text("😀🎉🔥 🚀\n🚀🚀 😀\n" * 20)
+    (root / "fsdp-version-string.json").write_text('{"version": "2"}')
     beir(root / "beir", {})
     beir(root / "null-title", {"d1": {"title": None}})
     beir(root / "duplicate-id", {"d1": {"_id": "d0"}})
@@ -156,6 +161,27 @@ def cases(world) -> dict[str, tuple[list[str], str, list[Path]]]:
             [*tiny_pretrain(corpus, run)[:-2], "--seed", "3", "--resume", str(model)], "is not a training checkpoint", [run]),
         "pretrain --resume at a checkpoint of another size": (
             [*tiny_pretrain(corpus, run, "--resume"), "--config", "mini", "--max-steps", "4"], "holds another model than this run's", [run]),
+        "pretrain --resume at a checkpoint of another size, past its steps": (
+            [*tiny_pretrain(corpus, run, "--resume"), "--config", "mini", "--max-steps", "1"], "holds another model than this run's", [run]),
+        "pretrain --resume with another objective": (
+            [*tiny_pretrain(corpus, run, "--resume"), "--max-steps", "4", "--objective", "dupmae"],
+            "--objective dupmae: the run being resumed", [run]),
+        "pretrain --resume with another --max-length": (
+            [*tiny_pretrain(corpus, run, "--resume"), "--max-steps", "4", "--max-length", "64"], "has max_length 32, which defines it", [run]),
+        "pretrain --resume with another encoder mask ratio": (
+            [*tiny_pretrain(corpus, run, "--resume"), "--max-steps", "4", "--encoder-mask-ratio", "0.15"], "has encoder_mask_ratio 0.3", [run]),
+        "pretrain --bow-loss-weight inf": ([*pretrain, "--objective", "dupmae", "--bow-loss-weight", "inf"], "--bow-loss-weight: must be a finite number", []),
+        "pretrain --learning-rate nan": ([*pretrain, "--learning-rate", "nan"], "--learning-rate: must be a finite number", []),
+        "pretrain --eval-steps without held-out passages": ([*pretrain, "--eval-steps", "5"], "--eval-steps needs held-out passages", []),
+        "pretrain an FSDP version given as a string": (
+            [*pretrain, "--fsdp", str(root / "fsdp-version-string.json")], 'version must be the number 2 (FSDP2), got "2"', []),
+        "pretrain --tokenizer with only tokenizer_config.json": (
+            ["pretrain", "--model", str(model), "--tokenizer", str(root / "only-tokenizer-config"), "--train-data", str(corpus),
+             "--output-dir", str(fresh)], "tokenizer loaded has", []),
+        "pretrain --config with a tokenizer of special tokens alone": (
+            [*pretrain, "--tokenizer", str(root / "only-tokenizer-config"), "--max-steps", "1"], "The tokenizer cannot spell this corpus", []),
+        "pretrain a corpus the tokenizer cannot spell": (
+            [*pretrain[:4], str(root / "emoji.txt"), *pretrain[5:], "--max-steps", "1"], "40 of the first 40 passages are nothing but [UNK]", []),
         "pretrain --report-to wandb without wandb": ([*pretrain, "--report-to", "wandb"], "wandb is not installed", []),
         "pretrain a .gz that is not gzip": (
             [*pretrain[:4], str(root / "not-gzip.txt.gz"), *pretrain[5:], "--max-steps", "1"], "not-gzip.txt.gz could not be read as text (gz-compressed)", []),
@@ -281,3 +307,34 @@ def test_ctrl_c_checkpoints_the_steps_done_and_resuming_gives_the_uninterrupted_
     actual = load_file(stopped / "model" / "model.safetensors")
     for name in expected:
         assert (actual[name] - expected[name]).abs().max() < 1e-5, name
+
+
+def test_a_resumed_dupmae_run_stays_dupmae_and_a_missing_sparse_model_is_found(world, tmp_path, capsys):
+    """--resume without --objective continues the DupMAE run it resumes; a sparse model lost to a killed save is named, with the command that writes it."""
+    run = tmp_path / "run"
+    assert main(tiny_pretrain(world["corpus"], run, "--objective", "dupmae")) == 0
+    assert main([*tiny_pretrain(world["corpus"], run, "--resume"), "--max-steps", "4", "--save-steps", "4"]) == 0
+    record = json.loads((run / "model" / "retromae_pretraining.json").read_text())
+    assert (record["objective"], record["steps"]) == ("dupmae", 4)
+    assert json.loads((run / "sparse" / "retromae_pretraining.json").read_text())["steps"] == 4
+    shutil.rmtree(run / "sparse")
+    (run / ".sparse.tmp-4194321").mkdir()  # what the killed save left
+    capsys.readouterr()
+    assert main([*tiny_pretrain(world["corpus"], run, "--resume"), "--max-steps", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "its sparse model" in error and "is missing" in error
+    convert = error.split("`retromae ")[1].split("`")[0].split()
+    assert main(convert) == 0
+    assert main([*tiny_pretrain(world["corpus"], run, "--resume"), "--max-steps", "4"]) == 0
+    assert "already finished at step 4" in capsys.readouterr().out
+    assert not (run / ".sparse.tmp-4194321").exists()
+
+
+def test_a_bag_of_words_weight_that_dwarfs_the_other_losses_is_warned_of(world, tmp_path):
+    from retromae import pretrain
+    from retromae.cli import build_parser
+
+    args = build_parser().parse_args([*tiny_pretrain(world["corpus"], tmp_path / "run"), "--objective", "dupmae", "--bow-loss-weight", "1e30"])
+    pretrain.resolve_defaults(args)
+    with pytest.warns(UserWarning, match="--bow-loss-weight 1e\\+30: the bag-of-words loss"):
+        pretrain.check_arguments(args)

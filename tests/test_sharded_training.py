@@ -155,7 +155,7 @@ def write(folder: Path, name: str, text: str) -> str:
             "set zero_optimization.stage3_gather_16bit_weights_on_model_save to true",
         ),
         (lambda tmp: ["--fsdp", write(tmp, "f.json", '{"sharding_strategy": "FULL_SHARD"}')], "unknown keys sharding_strategy; allowed: version,"),
-        (lambda tmp: ["--fsdp", write(tmp, "v1.json", '{"fsdp_version": 1}')], "version must be 2 (FSDP2), got 1"),
+        (lambda tmp: ["--fsdp", write(tmp, "v1.json", '{"fsdp_version": 1}')], "version must be the number 2 (FSDP2), got 1"),
         (lambda tmp: ["--fsdp", write(tmp, "s.json", '{"state_dict_type": "LOCAL"}')], "state_dict_type must be one of SHARDED_STATE_DICT, FULL_STATE_DICT"),
         (lambda tmp: ["--fsdp", "--deepspeed", str(EXAMPLES / "deepspeed" / "zero1.json")], "Give --deepspeed or --fsdp, not both"),
     ],
