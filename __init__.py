@@ -4,18 +4,22 @@ The imports are absolute: this file is the package's `__init__` once installed, 
 repository's top level, where test runners may import it on its own.
 """
 
+import importlib
+
 from transformers import AutoConfig
 
 from retromae.collator import RetroMAECollator
 from retromae.configuration_retromae import RetroMAEConfig
 from retromae.modeling_retromae import (
     ENCODER_FAMILIES,
+    EncoderFamily,
     EnhancedDecodingMask,
     RetroMAEForMaskedLM,
     RetroMAEForPreTraining,
     RetroMAEForPreTrainingOutput,
     RetroMAEModel,
     RetroMAEModelOutput,
+    register_family,
 )
 
 
@@ -27,16 +31,24 @@ AutoConfig.register(RetroMAEConfig.model_type, RetroMAEConfig)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    """`RetroMAELoss` is imported on first use: it brings in sentence-transformers, which pre-training does not need."""
-    if name == "RetroMAELoss":
-        from retromae.losses import RetroMAELoss
+# Imported on first use: `RetroMAELoss` brings in sentence-transformers, which pre-training does not need,
+# and the pre-training run the transformers Trainer, which the model does not need.
+LAZY = {
+    "RetroMAELoss": "retromae.losses",
+    "pretrain": "retromae.pretraining",
+    "PretrainingSettings": "retromae.settings",
+    "PretrainingResult": "retromae.run_record",
+}
 
-        return RetroMAELoss
+
+def __getattr__(name: str):
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'retromae' has no attribute {name!r}")
 
 __all__ = [
     "ENCODER_FAMILIES",
+    "EncoderFamily",
     "EnhancedDecodingMask",
     "RetroMAECollator",
     "RetroMAEConfig",
@@ -46,4 +58,8 @@ __all__ = [
     "RetroMAEModel",
     "RetroMAELoss",
     "RetroMAEModelOutput",
+    "PretrainingResult",
+    "PretrainingSettings",
+    "pretrain",
+    "register_family",
 ]

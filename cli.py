@@ -6,17 +6,15 @@ import os
 import sys
 from pathlib import Path
 
-from . import finetune, plan, pretrain
-from .diagnostics import CURVES_FILE, draw_training_curves, read_metrics
+from . import finetune, plan
+from .pretraining import pretrain
+from .settings import PretrainingSettings, add_arguments as add_pretraining_arguments
+from .diagnostics import CURVES_FILE, PICTURE_FORMATS, check_picture_name, draw_training_curves, read_metrics
 from .errors import Destination, Interrupted, UsageError, at_least, read_json_object
-from .model_folder import PRETRAINING_FILE
 from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
 from .hub import ReleaseError, convert, convert_sparse, export_plain, release
 from .hub.card import TEMPLATE
-
-
-# The encoder families, as the help names them (`ENCODER_FAMILIES` by model type).
-FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA"
+from .modeling_retromae import ENCODER_FAMILIES
 
 
 def add_command(commands, handler, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -28,9 +26,10 @@ def add_command(commands, handler, name: str, help: str, description: str) -> ar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    families = ", ".join(ENCODER_FAMILIES)  # by model type, as the refusals name them
     parser = argparse.ArgumentParser(
         prog="retromae",
-        description=f"RetroMAE: retrieval-oriented pre-training of masked-LM encoders ({FAMILIES}) (Xiao et al., EMNLP 2022).",
+        description=f"RetroMAE: retrieval-oriented pre-training of masked-LM encoders ({families}) (Xiao et al., EMNLP 2022).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pretraining = add_command(
@@ -38,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         run_pretrain,
         "pretrain",
         help="pre-train or domain-adapt an encoder with RetroMAE",
-        description=f"Pre-train a masked-LM encoder ({FAMILIES}) with RetroMAE on the transformers Trainer, then release the encoder "
+        description=f"Pre-train a masked-LM encoder ({families}) with RetroMAE on the transformers Trainer, then release the encoder "
         "(without the decoder) as a Hub-ready folder in OUTPUT_DIR/model. With no --train-data and no --model it "
         "runs the embedded demo: all-MiniLM-L6-v2 on an English Wikipedia excerpt, a few minutes on 2 CPU cores. "
         "For several GPUs or nodes, launch the same command with torchrun or accelerate launch.",
     )
-    pretrain.add_arguments(pretraining)
+    pretraining.argument_default = argparse.SUPPRESS  # the settings' defaults are PretrainingSettings'; a settings file's values yield to the flags given
+    add_pretraining_arguments(pretraining)
 
     finetuning = add_command(
         commands,
@@ -154,28 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
         "For a run cut short, or one still going; a finished run has the picture in OUTPUT_DIR/model.",
     )
     plotting.add_argument("run_dir", metavar="RUN_DIR", help="The run's --output-dir (it holds metrics.jsonl).")
-    plotting.add_argument("--output", help=f"Where the PNG is written. Default: RUN_DIR/{CURVES_FILE}.")
+    plotting.add_argument(
+        "--output",
+        help=f"Where the picture is written, in the format its extension names ({', '.join(PICTURE_FORMATS)}). Default: RUN_DIR/{CURVES_FILE}.",
+    )
+    plotting.add_argument("--overwrite", action="store_true", help="Replace an --output file that exists (the default one too).")
     return parser
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    release = pretrain.run(args)
-    if release is not None:
-        read = json.loads((release / PRETRAINING_FILE).read_text())
-        skipped = f" ({read['skipped_records']:,} bad records skipped)" if read["skipped_records"] else ""
-        passages = f" in {read['passages']:,} passages" if read["passages"] is not None else ""
-        print(f"Read {read['records']:,} records{passages}{skipped}; trained on {read['passages_trained']:,} passages ({read['passages_from_long_records']} long records).")
-        if read["empty_passages"] or read["unknown_passages"]:
-            print(
-                f"Of the passages read, {read['empty_passages']:,} had no text after tokenization (left out) and "
-                f"{read['unknown_passages']:,} nothing but [UNK] (trained: text the vocabulary cannot spell)."
-            )
-        print(f"RetroMAE encoder saved to {release}")
-        print(f"Load it with SentenceTransformer({str(release)!r}) or AutoModel.from_pretrained({str(release)!r})")
-        print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")
-        sparse = release.parent / pretrain.SPARSE_FOLDER
-        if read.get("objective") == "dupmae":
-            print(f"Sparse (SPLADE) model saved to {sparse}: load it with SparseEncoder({str(sparse)!r}), no flag (docs/sparse.md)")
+    result = pretrain(PretrainingSettings.from_arguments(args), command=args.argv)
+    if result.model is None or result.already_finished:
+        return
+    skipped = f" ({result.skipped_records:,} bad records skipped)" if result.skipped_records else ""
+    passages = f" in {result.passages:,} passages" if result.passages is not None else ""
+    print(f"Read {result.records:,} records{passages}{skipped}; trained on {result.passages_trained:,} passages ({result.settings.passages} long records).")
+    if result.empty_passages or result.unknown_passages:
+        print(
+            f"Of the passages read, {result.empty_passages:,} had no text after tokenization (left out) and "
+            f"{result.unknown_passages:,} nothing but [UNK] (trained: text the vocabulary cannot spell)."
+        )
+    print(f"RetroMAE encoder saved to {result.model}")
+    print(f"Load it with SentenceTransformer({str(result.model)!r}) or AutoModel.from_pretrained({str(result.model)!r})")
+    print("(a checkpoint of the encoder's family; trust_remote_code=True gives RetroMAE's class and its sentence_embedding)")
+    if result.sparse:
+        print(f"Sparse (SPLADE) model saved to {result.sparse}: load it with SparseEncoder({str(result.sparse)!r}), no flag (docs/sparse.md)")
+        if result.fresh_head:
+            print(f"Its MLM head began at random (the starting point has none) and trained for this run's {result.steps} steps alone: after a short run the sparse weights are noise.")
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -189,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.hybrid:
         dense, sparse = args.model
         weight = HYBRID_DENSE_WEIGHT if args.dense_weight is None else args.dense_weight
-        figures = evaluate_hybrid(load_model(dense), load_sparse_model(sparse), task, weight, args.batch_size)
+        figures = evaluate_hybrid(load_model(dense, "DENSE"), load_sparse_model(sparse, "SPARSE"), task, weight, args.batch_size)
         described = {"model": dense, "sparse_model": sparse, "retriever": "hybrid", "fusion": "min-max", "dense_weight": weight}
     else:
         model = (load_sparse_model if args.sparse else load_model)(args.model[0])
@@ -275,8 +280,9 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> None:
+    output = Destination("--output", args.output or Path(args.run_dir) / CURVES_FILE, args.overwrite, folder=False).check()
+    check_picture_name("--output", output)
     records = read_metrics(args.run_dir)
-    output = Path(args.output or Path(args.run_dir) / CURVES_FILE)
     draw_training_curves(records, output)
     print(f"Drew {len(records)} evaluations (steps {records[0]['step']} to {records[-1]['step']}) in {output}")
 

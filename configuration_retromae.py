@@ -51,9 +51,8 @@ class RetroMAEConfig(PreTrainedConfig):
     r"""
     Configuration of a RetroMAE model (Xiao et al., EMNLP 2022, arXiv 2205.12035).
 
-    `encoder` is the configuration of the masked-LM encoder, of any supported family (BERT,
-    RoBERTa, XLM-RoBERTa, ModernBERT, DeBERTa-v2/v3, DistilBERT, ELECTRA); the decoder takes its
-    width from it. The fields below describe RetroMAE pre-training; their defaults are the authors'.
+    `encoder` is the configuration of the masked-LM encoder, of any family of `ENCODER_FAMILIES`
+    (modeling_retromae.py); the decoder takes its width from it. The fields below describe RetroMAE pre-training; their defaults are the authors'.
 
     Args:
         encoder (`PreTrainedConfig` or `dict`, *optional*):
@@ -152,16 +151,19 @@ class RetroMAEConfig(PreTrainedConfig):
             )
 
 
-def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: dict) -> dict:
+def release_config_dict(config: PreTrainedConfig, architecture: str, auto_map: dict | None) -> dict:
     """
     The config.json of a released encoder: the family's own config first, RetroMAE's code as an opt-in.
 
     Without `trust_remote_code` every loader sees a checkpoint of the encoder's family (a `bert`,
     `roberta`, `modernbert`, ... config naming the family's own `architecture`); with it,
-    `AutoModel` and `AutoModelForMaskedLM` resolve to the RetroMAE classes in `auto_map`.
-    RetroMAE's settings, where the config carries them, stay as keys of their own.
+    `AutoModel` and `AutoModelForMaskedLM` resolve to the RetroMAE classes in `auto_map` (none for
+    a family added by `register_family`, whose classes no file holds). RetroMAE's settings, where
+    the config carries them, stay as keys of their own. The fields are those `save_pretrained`
+    writes (`to_diff_dict`): no `_name_or_path`, the folder it was loaded from.
     """
-    return config.to_dict() | {"architectures": [architecture], "auto_map": dict(auto_map)}
+    remote_code = {} if auto_map is None else {"auto_map": dict(auto_map)}
+    return config.to_diff_dict() | {"architectures": [architecture]} | remote_code
 
 
 RetroMAEConfig.register_for_auto_class()

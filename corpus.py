@@ -61,10 +61,6 @@ BUILDERS = {
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 ARROW_BATCH = 100_000  # records per Arrow compute call
 HUB_NOTE = " (no such local file or folder, so it was read as a Hub dataset id)"
-# Records read from a stream, and bad records skipped with `skip_bad_records`, counted across
-# data-loader workers (forked from this process, so they share the counters).
-READ = multiprocessing.Value("q", 0)
-SKIPPED = multiprocessing.Value("q", 0)
 
 
 @dataclass
@@ -124,18 +120,48 @@ def local_files(path: Path) -> CorpusSource:
     return CorpusSource(name=path.resolve().name, files=files, format=formats[0])
 
 
+class CorpusCounts:
+    """
+    What a run has read, counted as it goes: records given by a stream (`read`), bad records skipped
+    (`skipped`), passages left out for having no text (`empty`) and passages of nothing but [UNK]
+    (`unknown`). The run holds one; data-loader workers, forked from its process, share its counters.
+    """
+
+    NAMES = ("read", "skipped", "empty", "unknown")
+
+    def __init__(self):
+        self.values = {name: multiprocessing.Value("q", 0) for name in self.NAMES}
+
+    def add(self, name: str, count: int) -> None:
+        value = self.values[name]
+        with value.get_lock():
+            value.value += count
+
+    def __getitem__(self, name: str) -> int:
+        return self.values[name].value
+
+    def __deepcopy__(self, memo) -> "CorpusCounts":
+        return self  # `datasets` copies the arguments of the functions it runs: the counters stay the run's
+
+    def __getstate__(self) -> dict:
+        return {"counts": "shared by the processes forked from the run"}  # what `datasets` hashes for its cache
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 def load_corpus(
-    source: CorpusSource, text_column: str = "text", streaming: bool = False, skip_bad_records: bool = False
+    source: CorpusSource, text_column: str = "text", streaming: bool = False, skip_bad_records: bool = False, counts: CorpusCounts | None = None
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """A dataset of non-empty `text` records from `source`; bad records raise `CorpusError` or are skipped and counted."""
-    READ.value = SKIPPED.value = 0
+    """A dataset of non-empty `text` records from `source`; bad records raise `CorpusError` or are skipped and counted in `counts`."""
+    counts = CorpusCounts() if counts is None else counts
     if streaming:
         return datasets.IterableDataset.from_generator(
             stream_texts,
-            gen_kwargs={"shards": shards(source), "column": text_column, "skip": skip_bad_records},
+            gen_kwargs={"shards": shards(source), "column": text_column, "skip": skip_bad_records, "counts": counts},
         )
-    dataset = read_arrow(source, text_column, skip_bad_records)
-    dataset = without_blank_texts(check_text_column(dataset, source, text_column, skip_bad_records))
+    dataset = read_arrow(source, text_column, skip_bad_records, counts)
+    dataset = without_blank_texts(check_text_column(dataset, source, text_column, skip_bad_records, counts))
     if len(dataset) == 0:
         raise CorpusError(f"Training data {source.name} holds no text.")
     return dataset
@@ -168,17 +194,7 @@ def without_blank_texts(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
-def skipped_records() -> int:
-    """How many bad records `skip_bad_records` has left out since the corpus was loaded."""
-    return SKIPPED.value
-
-
-def streamed_records() -> int:
-    """How many records a stream has given so far (a shuffle buffer's read-ahead included)."""
-    return READ.value
-
-
-def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Dataset:
+def read_arrow(source: CorpusSource, column: str, skip: bool, counts: CorpusCounts) -> datasets.Dataset:
     """The corpus through `datasets`' own readers (its Arrow cache); on a failure, the first bad record is named."""
     try:
         if source.saved:
@@ -191,7 +207,7 @@ def read_arrow(source: CorpusSource, column: str, skip: bool) -> datasets.Datase
         raise
     except Exception as error:  # datasets wraps its readers' errors in several types: find the record in question
         if source.files and skip:
-            return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True})
+            return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True, "counts": counts})
         if source.files:
             locate_bad_record(source, column)
         raise CorpusError(f"Training data {source.name} could not be read{HUB_NOTE if source.hub_id else ''}: {error}") from None
@@ -207,7 +223,7 @@ def saved_split(folder: Path, split: str) -> datasets.Dataset:
     return saved
 
 
-def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: str, skip: bool) -> datasets.Dataset:
+def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: str, skip: bool, counts: CorpusCounts) -> datasets.Dataset:
     """The text column alone, named `text`, checked with Arrow compute: present, strings, no nulls."""
     if source.format == "text":
         column = "text"
@@ -226,15 +242,15 @@ def check_text_column(dataset: datasets.Dataset, source: CorpusSource, column: s
             locate_bad_record(source, column)
         raise CorpusError(f"Training data {source.name}: record {missing + 1} has no string {column!r}.")
     if source.files:  # mixed types: read again record by record, counting what is skipped
-        return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True})
+        return datasets.Dataset.from_generator(stream_texts, gen_kwargs={"shards": shards(source), "column": column, "skip": True, "counts": counts})
     kept = dataset.filter(lambda batch: [isinstance(text, str) for text in batch["text"]], batched=True, batch_size=10_000)
-    SKIPPED.value += len(dataset) - len(kept)
+    counts.add("skipped", len(dataset) - len(kept))
     return kept
 
 
 def locate_bad_record(source: CorpusSource, column: str) -> None:
     """Read the corpus files record by record and raise `CorpusError` naming the first bad one (an error path only)."""
-    for _ in stream_texts(shards(source), column, skip=False):
+    for _ in stream_texts(shards(source), column, skip=False, counts=CorpusCounts()):
         pass
 
 
@@ -246,23 +262,22 @@ def shards(source: CorpusSource) -> list[dict]:
     return [{"hub_id": source.hub_id, "config": source.config, "split": source.split, "saved": str(source.saved) if source.saved else None}]
 
 
-def stream_texts(shards: list[dict], column: str, skip: bool) -> Iterator[dict]:
-    """`{"text": ...}` for every non-empty text of the shards, each record checked as it is read; none at all is an error."""
-    read_before = READ.value
+def stream_texts(shards: list[dict], column: str, skip: bool, counts: CorpusCounts) -> Iterator[dict]:
+    """`{"text": ...}` for every non-empty text of the shards, each record checked as it is read and counted; none at all is an error."""
+    given = 0
     for shard in shards:
         records = file_records(Path(shard["file"]), shard["format"], column) if "file" in shard else dataset_records(shard, column)
         for where, value in records:
             if isinstance(value, str) and not isinstance(value, BadRecord):
                 if value.strip():
-                    with READ.get_lock():
-                        READ.value += 1
+                    given += 1
+                    counts.add("read", 1)
                     yield {"text": value}
             elif skip:
-                with SKIPPED.get_lock():
-                    SKIPPED.value += 1
+                counts.add("skipped", 1)
             else:
                 raise CorpusError(f"{where} {value}" if isinstance(value, BadRecord) else f"{where} has no string {column!r}.")
-    if READ.value == read_before:
+    if given == 0:
         names = ", ".join(Path(shard.get("file") or shard.get("saved") or shard["hub_id"]).name for shard in shards)
         raise CorpusError(f"Training data {names} holds no text.")
 

@@ -14,7 +14,7 @@ case). On a fixed set of held-out passages, whose masks are drawn once by the ru
   to raise;
 - span retrieval: every passage cut into two halves, the first half's first-token embedding
   finds its second half among all second halves by cosine (MRR@10, recall@10);
-- the BoW loss, where the model's output has one (`bow_loss`).
+- DupMAE's BoW loss (`bow_loss`), for a DupMAE model.
 
 Each evaluation is a line on the console, an `eval_`-prefixed log for the Trainer's integrations
 (TensorBoard, W&B) and a record of OUTPUT_DIR/metrics.jsonl; the records become the picture
@@ -24,38 +24,24 @@ A loss that is not finite stops the run before its optimiser step (`BrokenRunErr
 checkpoints on disk are all from finite steps, and no release is written from NaN weights.
 """
 
-import argparse
-import contextlib
-import hashlib
 import json
 import math
 import os
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-from transformers import PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from .collator import RetroMAECollator
-from .corpus import CorpusSource, load_corpus, resolve_corpus
-from .data import CorpusError, demo_corpus
-from .errors import UsageError, at_least
-from .modeling_retromae import IGNORE_INDEX, LOGITS_CHUNK, EnhancedDecodingMask, RetroMAEForPreTraining, RetroMAEForPreTrainingOutput
-from .passages import FirstPassage, PassageSplitter
+from .errors import DiagnosticsError, UsageError
+from .modeling_retromae import IGNORE_INDEX, LOGITS_CHUNK, RetroMAEForPreTraining
+from .run_passages import HeldOutSet
 
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
-EVAL_SIZE = 512
-MIN_PASSAGES = 16
-MAX_EVAL_SPLIT = 0.5
+PICTURE_FORMATS = ("png", "jpg", "jpeg", "webp", "svg", "pdf", "eps")  # a picture's format is its name's extension
 RANK_CUTOFF = 10
-READ_BATCH = 64  # held-out records cut into passages this many at a time
 # What an evaluation reports, in the order of the console line and the model card's table.
 LABELS = {
     "encoder_loss": "encoder MLM loss",
@@ -67,192 +53,12 @@ LABELS = {
     "span_recall_at_10": "span retrieval recall@10",
     "bow_loss": "BoW loss",
 }
-
-
-class DiagnosticsError(UsageError):
-    """A bad evaluation input (flags, held-out corpus, metrics file); the message names it and what is allowed."""
+# What every evaluation record holds (the BoW loss only where the objective has one).
+RECORD_FIELDS = ("step", "passages", "seconds", *[name for name in LABELS if name != "bow_loss"])
 
 
 class BrokenRunError(UsageError):
     """A loss or weight that is not finite stopped the run; the message names the step and how to go on."""
-
-
-# The command line.
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The evaluation options of `retromae pretrain`."""
-    group = parser.add_argument_group("evaluation on held-out passages")
-    group.add_argument(
-        "--eval-data",
-        help="Held-out corpus to evaluate on, in any form --train-data takes (its first --eval-size passages are used).",
-    )
-    group.add_argument(
-        "--eval-split",
-        type=float,
-        help="Hold this share (0 to 0.5) of the training records out of training and evaluate on their passages. "
-        "Default: none (0.02 on the demo corpus).",
-    )
-    group.add_argument(
-        "--eval-steps", type=at_least(1), help="Evaluate every N steps (and at step 0 and the last step). Default: --save-steps."
-    )
-    group.add_argument(
-        "--eval-size",
-        type=at_least(MIN_PASSAGES),
-        help=f"Held-out passages evaluated at most. Default: {EVAL_SIZE} (the demo: fewer, to keep it cheap).",
-    )
-
-
-def resolve_defaults(args: argparse.Namespace, demo: dict) -> None:
-    """Fill the evaluation settings left unset; `demo` holds the demo corpus's (`eval_split`, `eval_size`), empty otherwise."""
-    if args.eval_data is None and args.eval_split is None:
-        args.eval_split = demo.get("eval_split")
-    if args.eval_size is None:
-        args.eval_size = demo.get("eval_size", EVAL_SIZE)
-    if args.eval_steps is None and (args.eval_data is not None or args.eval_split is not None):
-        args.eval_steps = args.save_steps
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad evaluation flags before anything is read."""
-    if args.eval_data is not None and args.eval_split is not None:
-        raise DiagnosticsError("Give --eval-data or --eval-split, not both: the held-out passages come from one of them.")
-    if args.eval_split is not None and not 0.0 < args.eval_split < MAX_EVAL_SPLIT:
-        raise DiagnosticsError(f"--eval-split must lie strictly between 0 and {MAX_EVAL_SPLIT}, got {args.eval_split}.")
-    if args.eval_steps is not None and args.eval_data is None and args.eval_split is None:
-        raise DiagnosticsError("--eval-steps needs held-out passages to evaluate: give --eval-split or --eval-data too.")
-
-
-def evaluation_schedule(args: argparse.Namespace) -> dict:
-    """The Trainer's settings for evaluation: at step 0, every `--eval-steps`, and at the last step (with held-out passages)."""
-    if args.eval_data is None and args.eval_split is None:
-        return {"eval_strategy": "no"}
-    return {"eval_strategy": "steps", "eval_steps": args.eval_steps, "eval_on_start": True}
-
-
-# The held-out passages.
-
-
-def is_held_out(text: str, share: float, seed: int) -> bool:
-    """Whether `--eval-split` holds this record out: a seeded hash of its text, so a record is on one side in any order, stream or process."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "little") < share * 2**64
-
-
-def without_held_out(dataset, args: argparse.Namespace):
-    """The training corpus without the records `--eval-split` holds out (the corpus as it is without the flag)."""
-    if args.eval_split is None:
-        return dataset
-    share, seed = args.eval_split, args.seed
-    return dataset.filter(lambda batch: [not is_held_out(text, share, seed) for text in batch["text"]], batched=True)
-
-
-def held_out_set(args: argparse.Namespace, source: CorpusSource | None, tokenizer: PreTrainedTokenizerBase, collator: RetroMAECollator):
-    """
-    The `HeldOutSet` of `--eval-data` or `--eval-split`, or `None` without either.
-
-    The records are read as a stream, only as far as `--eval-size` passages need, and cut into
-    passages as training cuts them (`--passages`); `--eval-split` takes the training corpus's
-    held-out records (`is_held_out`), which training leaves out (`without_held_out`).
-    """
-    if args.eval_data is not None:
-        where = f"--eval-data {args.eval_data}"
-        try:
-            records = load_corpus(resolve_corpus(args.eval_data, args.dataset_config, args.dataset_split), args.text_column, True, args.skip_bad_records)
-            texts = (record["text"] for record in records)
-            passages = first_passages(texts, passage_cutter(args, tokenizer), args.eval_size, collator)
-        except CorpusError as error:
-            raise DiagnosticsError(f"{where}: {error}") from None
-    elif args.eval_split is not None:
-        where = f"--eval-split {args.eval_split}"
-        records = load_corpus(source, args.text_column, True, args.skip_bad_records) if source else demo_corpus()
-        texts = (record["text"] for record in records if is_held_out(record["text"], args.eval_split, args.seed))
-        passages = first_passages(texts, passage_cutter(args, tokenizer), args.eval_size, collator)
-    else:
-        return None
-    if len(passages) < MIN_PASSAGES:
-        raise DiagnosticsError(
-            f"{where} gives {len(passages)} held-out passages; evaluation needs at least {MIN_PASSAGES}"
-            + (": hold out a larger share." if args.eval_data is None else ".")
-        )
-    return HeldOutSet.from_passages(passages, collator, args.batch_size, args.seed)
-
-
-def passage_cutter(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase):
-    """Records to passages (token ids without special tokens) as `--passages` cuts the training records."""
-    return (PassageSplitter if args.passages == "split" else FirstPassage)(tokenizer, args.max_length)
-
-
-def first_passages(texts: Iterable[str], cut, size: int, collator: RetroMAECollator) -> list[list[int]]:
-    """The first `size` passages of `texts` whose two halves each hold a token that is not special."""
-    passages = []
-    for chunk in chunked(texts, READ_BATCH):
-        passages += [ids for ids in cut({"text": chunk})["input_ids"] if halves_have_content(ids, collator)]
-        if len(passages) >= size:
-            break
-    return passages[:size]
-
-
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def halves(ids: list[int]) -> tuple[list[int], list[int]]:
-    """A passage's token ids cut in two: the first half (the shorter, for an odd length) and the second."""
-    return ids[: len(ids) // 2], ids[len(ids) // 2 :]
-
-
-def halves_have_content(ids: list[int], collator: RetroMAECollator) -> bool:
-    return all(not collator.is_special[torch.tensor(half, dtype=torch.long)].all() for half in halves(ids))
-
-
-@dataclass
-class HeldOutSet:
-    """
-    The held-out passages, made into batches once: every evaluation reads the same masks.
-
-    Args:
-        batches: the passages as `RetroMAECollator` batches (masks drawn by the run's collator, from its seed).
-        derangement: (passages,) whose `h_X` each passage's decoder is given in the embedding-information
-            probe: a single cycle over the set, so never a passage's own.
-        first_halves, second_halves: `(input_ids, attention_mask)` batches of the passages' halves, with special tokens.
-    """
-
-    batches: list[dict[str, torch.Tensor]]
-    derangement: torch.LongTensor
-    first_halves: list[tuple[torch.LongTensor, torch.Tensor]]
-    second_halves: list[tuple[torch.LongTensor, torch.Tensor]]
-
-    @classmethod
-    def from_passages(cls, passages: list[list[int]], collator: RetroMAECollator, batch_size: int, seed: int) -> "HeldOutSet":
-        """Batch `passages` (sorted by length, so that little is padding) and draw their masks and the derangement."""
-        passages = sorted(passages, key=len)
-        groups = [passages[start : start + batch_size] for start in range(0, len(passages), batch_size)]
-        order = torch.randperm(len(passages), generator=torch.Generator().manual_seed(seed))
-        derangement = torch.empty_like(order)
-        derangement[order] = order.roll(-1)  # each passage takes the next one's h_X in a random cycle
-        return cls(
-            batches=[collator(group) for group in groups],
-            derangement=derangement,
-            first_halves=[padded(collator, [halves(ids)[0] for ids in group]) for group in groups],
-            second_halves=[padded(collator, [halves(ids)[1] for ids in group]) for group in groups],
-        )
-
-    def __len__(self) -> int:
-        return len(self.derangement)
-
-
-def padded(collator: RetroMAECollator, sequences: list[list[int]]) -> tuple[torch.LongTensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token-id sequences, with the first token and separator added as the collator adds them."""
-    input_ids, attention_mask = collator.pad(collator.tokenize(sequences))
-    return input_ids, attention_mask.long()
 
 
 # The measurements.
@@ -278,27 +84,29 @@ def reconstruction(model: RetroMAEForPreTraining, held_out: HeldOutSet) -> dict[
     The encoder's and decoder's losses and accuracies, token-weighted over the set, and the
     embedding information: the decoder's loss with the deranged `h_X` minus with its own.
 
-    The steps are the model's own (`encoder.base_model`, `decode`, `mlm_head`), with the masks of
-    the held-out batches; the BoW loss, where the model has one, comes from its forward.
+    Each held-out batch, with its masks, goes once through the encoder and the model's objective
+    (`pretraining_losses`), which gives the decoder's states with the passages' own `h_X` and, for
+    DupMAE, the BoW loss; the losses and accuracies are the shared MLM head's on those states
+    (`head_statistics`). Only the deranged `h_X` is decoded again.
     """
     device = model.device
     batches = [{name: tensor.to(device) for name, tensor in batch.items()} for batch in held_out.batches]
-    encoder, embeddings, bow = torch.zeros(3, device=device), [], []
+    encoder, own, embeddings, bow = torch.zeros(3, device=device), torch.zeros(3, device=device), [], []
     for batch in batches:
         states = model.encoder.base_model(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
+        losses = model.pretraining_losses(states, batch)
         embeddings.append(states[:, 0])  # (batch, hidden) h_X
         encoder += head_statistics(model, states, batch["encoder_labels"])
-        if has_bow_loss() and (output := model(**batch)).bow_loss is not None:
-            bow.append((output.bow_loss.float() * len(states), len(states)))
-    sentence_embeddings = torch.cat(embeddings)
-    others = sentence_embeddings[held_out.derangement.to(device)]
-    own, other, start = torch.zeros(3, device=device), torch.zeros(3, device=device), 0
+        own += head_statistics(model, losses.decoder_states, batch["decoder_labels"])
+        if losses.bow_loss is not None:
+            bow.append((losses.bow_loss.float() * len(states), len(states)))
+    others = torch.cat(embeddings)[held_out.derangement.to(device)]
+    other, start = torch.zeros(3, device=device), 0
     for batch in batches:
         rows = slice(start, start + len(batch["decoder_input_ids"]))
         start = rows.stop
-        mask = EnhancedDecodingMask.from_batch(batch)
-        for totals, embedding in ((own, sentence_embeddings[rows]), (other, others[rows])):
-            totals += head_statistics(model, model.decode(embedding, batch["decoder_input_ids"], mask), batch["decoder_labels"])
+        decoded = model.decode(others[rows], batch["decoder_input_ids"], model.enhanced_decoding_mask(batch))
+        other += head_statistics(model, decoded, batch["decoder_labels"])
     figures = {
         "encoder_loss": encoder[0] / encoder[2],
         "encoder_accuracy": encoder[1] / encoder[2],
@@ -309,11 +117,6 @@ def reconstruction(model: RetroMAEForPreTraining, held_out: HeldOutSet) -> dict[
     if bow:
         figures["bow_loss"] = sum(total for total, _ in bow) / sum(count for _, count in bow)
     return {name: float(value) for name, value in figures.items()}
-
-
-def has_bow_loss() -> bool:
-    """Whether the model's output can carry a BoW loss (DupMAE); its forward then says whether this model has one."""
-    return "bow_loss" in RetroMAEForPreTrainingOutput.__dataclass_fields__
 
 
 def head_statistics(model: RetroMAEForPreTraining, states: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
@@ -366,9 +169,27 @@ class MetricsFile:
         self.path = Path(output_dir) / METRICS_FILE
 
     def records(self) -> list[dict]:
+        """The evaluation records; a line that is not one (cut short by a killed run, edited by hand) is skipped with a warning naming it."""
+        records, bad_lines = self.read()
+        self.warn_of(bad_lines)
+        return records
+
+    def read(self) -> tuple[list[dict], list[tuple[int, str]]]:
+        """The evaluation records, and (line number, what is wrong) for every other line that is not blank."""
         if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            return [], []
+        records, bad_lines = [], []
+        for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(evaluation_record(line))
+                except ValueError as error:
+                    bad_lines.append((number, str(error)))
+        return records, bad_lines
+
+    def warn_of(self, bad_lines: list[tuple[int, str]]) -> None:
+        for number, problem in bad_lines:
+            warnings.warn(f"{self.path}:{number} {problem}: skipped.", stacklevel=3)
 
     def start(self, step: int) -> None:
         """
@@ -387,13 +208,33 @@ class MetricsFile:
             file.write(json.dumps(record) + "\n")
 
 
+def evaluation_record(line: bytes) -> dict:
+    """One line of metrics.jsonl as the record of an evaluation; `ValueError` saying what else the line is."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"is not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"is not an evaluation record (a JSON {type(record).__name__}, not an object)")
+    missing = [name for name in RECORD_FIELDS if not isinstance(record.get(name), (int, float))]
+    if missing:
+        raise ValueError(f"is not an evaluation record (it has no number {', '.join(map(repr, missing))})")
+    return record
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The evaluation records of a run folder; `DiagnosticsError` when it has none."""
+    """The evaluation records of a run folder, each bad line warned of; `DiagnosticsError` when it has none."""
     metrics = MetricsFile(run_dir)
     try:
-        records = metrics.records()
-    except (OSError, json.JSONDecodeError) as error:
-        raise DiagnosticsError(f"{metrics.path} cannot be read as JSON lines ({error}).") from None
+        records, bad_lines = metrics.read()
+    except OSError as error:
+        raise DiagnosticsError(f"{metrics.path} cannot be read ({error.strerror}).") from None
+    if bad_lines and not records:
+        number, problem = bad_lines[0]
+        raise DiagnosticsError(f"{metrics.path}:{number} {problem}; no line of the file is an evaluation record, so there is nothing to draw.")
+    metrics.warn_of(bad_lines)
     if not records:
         state = "is empty" if metrics.path.is_file() else "does not exist"
         raise DiagnosticsError(
@@ -429,10 +270,21 @@ def training_evaluation(records: list[dict]) -> dict | None:
     }
 
 
+def check_picture_name(what: str, path: str | os.PathLike) -> None:
+    """A picture's file name (given as `what`) must end in one of `PICTURE_FORMATS`, which says the format it is written in."""
+    extension = Path(path).suffix.lower()
+    if extension.removeprefix(".") not in PICTURE_FORMATS:
+        raise DiagnosticsError(
+            f"{what} {path}: the name must end in the picture's format, one of {', '.join('.' + name for name in PICTURE_FORMATS)}; "
+            f"got {repr(extension) if extension else 'no extension'}."
+        )
+
+
 def draw_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     """
     The evaluations against steps, in four panels (losses, accuracies, embedding information, span
     retrieval); each curve's first evaluation (step 0: the starting checkpoint) is drawn across as a dotted baseline.
+    The picture is written whole or not at all, in the format of its name's extension, with the folders above it.
     """
     import matplotlib
 
@@ -459,141 +311,18 @@ def draw_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     axes[2].axhline(0, color="black", linewidth=0.6)
     figure.suptitle(f"{records[-1]['passages']} held-out passages; dotted: {baseline}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-# The Trainer's part.
-
-
-class HeldOutEvaluation:
-    """
-    Mixin for the pre-training `Trainer`: `evaluate` runs the held-out diagnostics (`eval_dataset`
-    is the `HeldOutSet`), and a loss or checkpoint that is not finite stops the run.
-
-    The Trainer calls `evaluate` on every process at step 0 (`eval_on_start`), every `eval_steps`
-    and at the last step. One process computes it and the others wait at a barrier, so they stay
-    in step; with sharded weights (FSDP, DeepSpeed) every process takes part in the forward passes,
-    which need all of them, and the first one records.
-    """
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        step, metrics = self.state.global_step, MetricsFile(self.args.output_dir)
-        first = not getattr(self, "_metrics_started", False)
-        if first and self.is_world_process_zero():
-            metrics.start(step)
-        self._metrics_started = True
-        recorded = self.is_world_process_zero() and any(record["step"] == step for record in metrics.records())
-        held_out = self.eval_dataset if eval_dataset is None else eval_dataset
-        logs = {}
-        if (self.is_world_process_zero() or self.is_fsdp_enabled or self.is_deepspeed_enabled) and not recorded:
-            started = time.perf_counter()
-            with self.autocast_smart_context_manager(), whole(self.model, held_out.batches[0]) as model:
-                figures = evaluate_held_out(model, held_out)
-            figures |= {"passages": len(held_out), "seconds": round(time.perf_counter() - started, 2)}
-            if self.is_world_process_zero():
-                metrics.append({"step": step, **figures})
-                logs = {f"{metric_key_prefix}_{name}": value for name, value in figures.items()}
-                self.log(dict(logs))
-        self.accelerator.wait_for_everyone()
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=logs)
-        return logs
-
-    def stop_on_non_finite(self, outputs: RetroMAEForPreTrainingOutput) -> None:
-        """Stop before the optimiser step when a loss of this step is not finite on any process (`BrokenRunError`)."""
-        names = [name for name in ("encoder_loss", "decoder_loss", "bow_loss") if getattr(outputs, name, None) is not None]
-        values = torch.stack([getattr(outputs, name).detach().float() for name in names])
-        if self.args.world_size > 1:
-            values = self.accelerator.reduce(values, reduction="sum")
-        if torch.isfinite(values).all():
-            return
-        broken = ", ".join(f"the {name.replace('_', ' ')} is {value:g}" for name, value in zip(names, values.tolist()) if not math.isfinite(value))
-        raise BrokenRunError(broken_run_message(self, f"{broken}"))
-
-    def _save_checkpoint(self, model, trial):
-        """Refuse to checkpoint weights that are not finite (a step whose losses were finite can still overflow them)."""
-        broken = (~torch.stack([local(parameter).detach().isfinite().all() for parameter in self.model.parameters()]).all()).float()
-        if self.args.world_size > 1:
-            broken = self.accelerator.reduce(broken, reduction="max")
-        if broken:
-            raise BrokenRunError(broken_run_message(self, "the weights are not finite after its optimiser step"))
-        super()._save_checkpoint(model, trial)
-
-
-@contextlib.contextmanager
-def whole(model: RetroMAEForPreTraining, batch: dict[str, torch.Tensor]) -> Iterator[RetroMAEForPreTraining]:
-    """
-    The model with its weights whole on this process, for the held-out passes, which call its parts
-    directly (`encoder.base_model`, `decode`, `mlm_head`) where the sharding engines gather weights
-    only around a module's own forward:
-
-    - under FSDP2 every unit is unsharded for the passes, after a forward of the whole model on
-      `batch`, since FSDP2 takes the first unit to run as its root (the step-0 evaluation runs
-      before any training step);
-    - under DeepSpeed ZeRO-3 the passes run on a copy outside the engine (`gathered_copy`): the
-      head's projection is the word embeddings' weight, which ZeRO-3 frees again after the
-      embeddings' forward.
-
-    Without a sharding engine this is the model itself.
-    """
-    if any(hasattr(parameter, "ds_status") for parameter in model.parameters()):
-        yield gathered_copy(model)
-        return
-    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    if units:  # without dropout or a graph: the training's random draws and memory stay as they were
-        training = model.training
-        with torch.no_grad():
-            model.eval()(**{name: tensor.to(model.device) for name, tensor in batch.items()})
-        model.train(training)
-    for unit in units:
-        unit.unshard()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield model
+        figure.savefig(temporary, dpi=110, format=path.suffix.removeprefix(".").lower())
+        os.replace(temporary, path)
     finally:
-        for unit in units:
-            unit.reshard()
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
 
 
-def gathered_copy(model: RetroMAEForPreTraining) -> RetroMAEForPreTraining:
-    """A copy of a model whose weights DeepSpeed ZeRO-3 partitions, outside the engine, with every weight gathered into it."""
-    import deepspeed
-
-    with torch.device("meta"):  # the classes themselves: `from_config` would build under ZeRO-3's partitioning
-        copy = type(model)(model.config, encoder=type(model.encoder)(model.config.encoder))
-    copy.to_empty(device=model.device)
-    sources = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        for name, parameter in copy.named_parameters(remove_duplicate=False):
-            parameter.data.copy_(sources[name].data)
-    buffers = dict(model.named_buffers())
-    for name, buffer in copy.named_buffers():
-        buffer.copy_(buffers[name])
-    return copy.train(model.training)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a weight FSDP (a DTensor) or DeepSpeed ZeRO-3 (its `ds_tensor`) shards, or the tensor itself."""
-    if hasattr(tensor, "ds_tensor"):  # ZeRO-3 leaves the weight itself empty outside a forward
-        return tensor.ds_tensor
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def broken_run_message(trainer, what: str) -> str:
-    """Which step broke and how, the checkpoint that is kept, and how to go on with a lower learning rate."""
-    step, output_dir = trainer.state.global_step + 1, trainer.args.output_dir
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    lower = f"{trainer.args.learning_rate / 2:g}"
-    cause = " (with --bf16 this is often an overflow: try it without)" if trainer.args.bf16 else ""
-    if last is None:
-        return (
-            f"Step {step}: {what}{cause}. The run stopped before writing any checkpoint and released nothing; "
-            f"start it again with a lower learning rate, e.g. --learning-rate {lower} (half of {trainer.args.learning_rate:g})."
-        )
-    return (
-        f"Step {step}: {what}{cause}. The run stopped and released nothing; {last} is the last good checkpoint. "
-        f"Continue from it with a lower learning rate: the same command with --resume --learning-rate {lower} "
-        f"(half of {trainer.args.learning_rate:g})."
-    )
+# The weights a checkpoint or release may hold.
 
 
 def check_finite_weights(model: torch.nn.Module) -> None:
@@ -603,22 +332,3 @@ def check_finite_weights(model: torch.nn.Module) -> None:
         raise BrokenRunError(f"The trained weights hold NaN or inf ({', '.join(broken[:3])}, ...): nothing was released.")
 
 
-class LearningRateOnResume(TrainerCallback):
-    """
-    A resumed run trains at the `--learning-rate` it is given, not at the checkpoint's.
-
-    The Trainer restores the checkpoint's scheduler, whose peak learning rate is the one the run
-    started with; resuming a broken run with a lower `--learning-rate` then would change nothing.
-    The schedule's shape (warm-up, decay) and position are kept, scaled to the new peak.
-    """
-
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        peaks = getattr(lr_scheduler, "base_lrs", [args.learning_rate])
-        if all(peak == args.learning_rate for peak in peaks):
-            return
-        if state.is_world_process_zero:
-            print(f"Resumed at the peak learning rate {args.learning_rate:g} (the checkpoint's: {max(peaks):g}).")
-        for index, group in enumerate(optimizer.param_groups):
-            group["lr"] *= args.learning_rate / peaks[index]
-            group["initial_lr"] = lr_scheduler.base_lrs[index] = args.learning_rate
-        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -27,6 +27,10 @@ class UsageError(ValueError):
     """A bad command-line input; the message says which and what is allowed."""
 
 
+class DiagnosticsError(UsageError):
+    """A bad evaluation input (flags, held-out corpus, metrics file); the message names it and what is allowed."""
+
+
 class Interrupted(Exception):
     """The user stopped a run (Ctrl-C); the message says what was kept and how to carry on. Exit 130."""
 
@@ -183,6 +187,8 @@ def holds_anything(path: Path) -> bool:
 def check_writable(what: str, path: Path) -> None:
     """The destination, or the nearest folder above it that exists, can be written to (so the work is not lost at the end)."""
     existing = path.expanduser().absolute()
+    if existing.is_file():  # a file replaced with --overwrite: the new one is written in its folder
+        existing = existing.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytrec_eval
 import torch
 from sentence_transformers import SentenceTransformer, SparseEncoder
+from sentence_transformers.util import load_file_path
 
 from .data import json_lines, tsv_rows
 from .errors import UsageError, loading
 from .sentence_transformer import load_sentence_transformer
-from .sparse_encoder import load_sparse_encoder
+from .sparse_encoder import is_sparse_folder, load_sparse_encoder
 
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
@@ -95,16 +96,34 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
     return relevant
 
 
-def load_model(model_name_or_path: str) -> SentenceTransformer:
-    """The model to evaluate (see `load_sentence_transformer`); one that cannot be loaded raises `UsageError` naming it."""
-    with loading("MODEL", model_name_or_path):
+def load_model(model_name_or_path: str, what: str = "MODEL") -> SentenceTransformer:
+    """The dense model to evaluate (see `load_sentence_transformer`), given as `what`; one that cannot be loaded, or is sparse, raises `UsageError` naming it."""
+    with loading(what, model_name_or_path):
+        check_kind(what, model_name_or_path, sparse=False)
         return load_sentence_transformer(model_name_or_path)
 
 
-def load_sparse_model(model_name_or_path: str) -> SparseEncoder:
-    """The sparse model to evaluate (see `load_sparse_encoder`); one that cannot be loaded, or is not sparse, raises `UsageError` naming it."""
-    with loading("MODEL", model_name_or_path):
+def load_sparse_model(model_name_or_path: str, what: str = "MODEL") -> SparseEncoder:
+    """The sparse model to evaluate (see `load_sparse_encoder`), given as `what`; one that cannot be loaded, or is not sparse, raises `UsageError` naming it."""
+    with loading(what, model_name_or_path):
+        check_kind(what, model_name_or_path, sparse=True)
         return load_sparse_encoder(model_name_or_path)
+
+
+def check_kind(what: str, model_name_or_path: str, sparse: bool) -> None:
+    """
+    Refuse a saved sentence-transformers model of the other kind than `what` takes, before it is loaded: the dense
+    loader would take a SPLADE model's encoder without its MLM head, under a pooler made up for it, and report figures of neither.
+    """
+    modules = load_file_path(model_name_or_path, "modules.json")
+    if modules is None or is_sparse_folder(Path(modules).parent) == sparse:
+        return
+    wanted, found, use = (
+        ("sparse (SPLADE)", "a dense one (its modules.json has no SpladePooling)", "without --sparse, or first in --hybrid DENSE SPARSE")
+        if sparse
+        else ("dense", "a sparse (SPLADE) one (its modules.json ends in SpladePooling)", "with --sparse, or second in --hybrid DENSE SPARSE")
+    )
+    raise EvaluationError(f"{what} {model_name_or_path} is not a {wanted} model: it is {found}; evaluate it {use}.")
 
 
 def evaluate(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:

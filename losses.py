@@ -4,7 +4,7 @@
 (the checkpoint's own where it has one). The encoder is the model's own transformer, run by the
 model itself, so the sentence embedding trained is the one the model embeds with. The masks are
 `RetroMAECollator`'s, drawn from the token ids the trainer hands over, and the losses are
-`RetroMAEForPreTraining`'s, computed by its own methods.
+`RetroMAEForPreTraining.pretraining_losses`'s, from the model's token embeddings (the encoder's final states).
 
 The trainer saves, clips and (in a multi-process job) synchronises the model only:
 `loss.checkpoints`, a trainer callback, writes the loss's own weights into every checkpoint,
@@ -25,9 +25,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collator import RetroMAECollator
 from .configuration_retromae import RetroMAEConfig
-from .hub.card import CITATION
+from .citations import citations
 from .model_folder import quiet_loading
-from .modeling_retromae import EnhancedDecodingMask, RetroMAEForPreTraining, encoder_family, max_tokens
+from .modeling_retromae import RetroMAEForPreTraining, encoder_family, max_tokens
 
 
 LOSS_FOLDER = "retromae_loss"
@@ -94,17 +94,11 @@ class RetroMAELoss(nn.Module):
         batch = self.masked_batch(features)
         passed_on = {name: value for name, value in features.items() if not isinstance(value, torch.Tensor)}  # e.g. the modality
         encoded = self.model(passed_on | {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch})
-        encoder_states = encoded["token_embeddings"]  # (batch, seq, hidden); sentence_embedding is its first row
-        decoded = self.retromae.decode(encoded["sentence_embedding"], batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch))
-        losses = {
-            "encoder_loss": self.retromae.masked_lm_loss(encoder_states, batch["encoder_labels"]),
-            "decoder_loss": self.retromae.masked_lm_loss(decoded, batch["decoder_labels"]),
-        }
-        config = self.retromae.config
-        if config.objective == "dupmae":
-            bow_loss = self.retromae.bag_of_words_loss(encoder_states, batch["encoder_attention_mask"], batch["decoder_labels"])
-            losses["bow_loss"] = config.bow_loss_weight * bow_loss
-        return losses
+        losses = self.retromae.pretraining_losses(encoded["token_embeddings"], batch)  # sentence_embedding is their first row
+        terms = {"encoder_loss": losses.encoder_loss, "decoder_loss": losses.decoder_loss}
+        if losses.bow_loss is not None:
+            terms["bow_loss"] = self.retromae.config.bow_loss_weight * losses.bow_loss
+        return terms
 
     def masked_batch(self, features: dict) -> dict[str, torch.Tensor]:
         """The collator's batch for the texts the trainer tokenised, on the model's device, with the encoder's input under the model's names."""
@@ -118,8 +112,8 @@ class RetroMAELoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        """The paper, for the model card sentence-transformers writes."""
-        return CITATION
+        """The papers (RetroMAE's, and DupMAE's for its objective), for the model card sentence-transformers writes."""
+        return "\n\n".join(citations(self.retromae.config.objective))
 
     def get_config_dict(self) -> dict:
         config = self.retromae.config

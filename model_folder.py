@@ -50,8 +50,11 @@ def public_name(name: str) -> str:
 def write_model_files(
     folder: Path, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pretraining: dict | None = None
 ) -> None:
-    """The encoder (release layout), its tokenizer and, where there is one, the record of its pre-training."""
-    encoder.save_pretrained(folder)
+    """
+    The encoder (release layout), its tokenizer and, where there is one, the record of its pre-training,
+    whose `max_seq_length` (a run's, `release_max_seq_length`) is where sentence-transformers truncates.
+    """
+    encoder.save_pretrained(folder, max_seq_length=(pretraining or {}).get("max_seq_length"))
     tokenizer.save_pretrained(folder)
     write_pretraining_record(folder, pretraining)
 

@@ -3,7 +3,7 @@
 Xiao, Liu, Shao, Cao, "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked
 Auto-Encoder", EMNLP 2022 (arXiv 2205.12035).
 
-One pre-training step, in the order of the paper and of this file:
+One pre-training step, in the order of the paper:
 
 1. The encoder, the family's own masked-LM model (BERT in the paper), reads the input masked at
    a moderate ratio and is trained by masked language modelling (`encoder_loss`).
@@ -24,26 +24,41 @@ scores to predict the passage's bag of words. The loss is
 `encoder_loss + decoder_loss + bow_loss_weight * bow_loss`. The maximum is taken a chunk of
 positions at a time (`LinearMaxOverPositions`), so no (batch, seq, vocabulary) scores exist.
 
-What differs between encoder families (where the MLM head is, how positions are numbered) lives
-in one table, `ENCODER_FAMILIES`. Families without an absolute position table (ModernBERT:
-rotary; DeBERTa-v3: relative) have no `p_i` to add; for them the decoder rotates its queries
-(`h_X` at every position, rotated by i) and keys (rotated by j) with rotary position
-embeddings: this package's extension of the paper.
-
 Long inputs (up to 8,192 tokens) cost no (batch, seq, seq) tensor: the collator describes the
 enhanced-decoding mask in a few (batch, seq) tensors, `EnhancedDecodingMask` draws it on the
 model's device a block of query rows at a time, the decoder runs block by block, and the MLM
 head's vocabulary projection is fused with the cross entropy over chunks of rows
 (`LinearCrossEntropy`). None of this changes the loss.
 
-After pre-training the decoder is discarded: the encoder is a plain checkpoint of its family
-whose first-token state is used for retrieval, and `save_pretrained` of the encoder classes
-writes it as such (the family's config.json, sentence-transformers files for first-token
-pooling), with this code as an opt-in. This file is Hub remote code: it imports only torch,
-transformers and the configuration next to it.
+The file, top to bottom:
+
+- The family table, `ENCODER_FAMILIES`: what differs between encoder families (where the MLM
+  head is, how positions are numbered), read by the generic code below, which has no branch per
+  family; `register_family` adds a row at run time. Families without an absolute position table
+  (ModernBERT: rotary; DeBERTa-v3: relative) have no `p_i` to add; for them the decoder rotates
+  its queries (`h_X` at every position, rotated by i) and keys (rotated by j) with rotary
+  position embeddings: this package's extension of the paper.
+- The typed outputs (`RetroMAEModelOutput`, `RetroMAEForPreTrainingOutput`, `RetroMAELosses`).
+- The masks: whole-word patterns drawn from per-example seeds (`WholeWordDraw`) and the
+  enhanced-decoding mask made from them (`EnhancedDecodingMask`), step 4.
+- The decoder (`RetroMAEDecoder`): BERT's cross-attention layer, the query stream attending to
+  the content stream, step 4.
+- The pre-training model (`RetroMAEForPreTraining`): steps 1 to 5, each a method named after
+  the paper's step (`query_stream`, `content_stream`, `decode`, `masked_lm_loss`).
+- Its kernels: the MLM head's vocabulary projection fused with the cross entropy
+  (`LinearCrossEntropy`) and with DupMAE's maximum over positions (`LinearMaxOverPositions`).
+- The released classes and what writes a release. After pre-training the decoder is discarded:
+  the encoder is a plain checkpoint of its family whose first-token state is used for retrieval.
+  Each family's two classes are declared here (`RetroMAEModel` and `RetroMAEForMaskedLM` for the
+  paper's BERT, `RetroMAEXLMRobertaModel`, ... for the others), and their `save_pretrained`
+  writes a release: the family's config.json, whose `auto_map` names them, and
+  sentence-transformers files for first-token pooling, with this code as an opt-in.
+
+This file is Hub remote code: it imports only torch, transformers and the configuration next to it.
 """
 
 import copy
+import importlib.metadata
 import inspect
 import json
 import os
@@ -53,15 +68,35 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    DebertaV2ForMaskedLM,
+    DebertaV2Model,
+    DistilBertForMaskedLM,
+    DistilBertModel,
+    ElectraForMaskedLM,
+    ElectraModel,
+    ModernBertForMaskedLM,
+    ModernBertModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    RobertaForMaskedLM,
+    RobertaModel,
+    XLMRobertaForMaskedLM,
+    XLMRobertaModel,
+)
 from transformers import initialization as init
 from transformers.activations import gelu
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.bert.modeling_bert import (
     BertAttention,
@@ -78,11 +113,6 @@ from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_con
 IGNORE_INDEX = -100
 # The keyword arguments of `from_pretrained` that say where a checkpoint's config.json is found.
 HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# sentence-transformers' files for first-token pooling, in the format every version of it reads.
-SENTENCE_TRANSFORMERS_MODULES = [
-    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-]
 # The decoder layer is BERT's, as wide as the encoder: these BertConfig fields are read from the encoder's config.
 DECODER_FIELDS = (
     "hidden_size",
@@ -211,6 +241,66 @@ def max_tokens(config: PreTrainedConfig) -> int:
     return config.max_position_embeddings - (0 if family.rotary else family.position_offset(config))
 
 
+def register_family(model_type: str, family: EncoderFamily) -> None:
+    """
+    Add a masked-LM encoder family to `ENCODER_FAMILIES`, as `AutoConfig.register` adds a model type.
+
+    From then on, in this process, a checkpoint of `model_type` pre-trains as those of the table
+    do, and its release classes (`RetroMAE<Base>`, `RetroMAE<...ForMaskedLM>`, made here, since no
+    file declares them) write a checkpoint of the family that loads with no flag; it carries no
+    remote code, as this file holds no row for it (docs/families.md). The row is checked first,
+    on the family's model as its default config builds it without weights (on the meta device):
+    `ValueError` naming what is missing. The first token is the tokenizer's, checked when a run reads it.
+    """
+    problem = family_problem(model_type, family)
+    if problem is not None:
+        raise ValueError(f"register_family({model_type!r}): {problem}.")
+    ENCODER_FAMILIES[model_type] = family
+    RELEASED_ENCODERS[model_type] = registered_release_classes(model_type)
+
+
+def family_problem(model_type: str, family: EncoderFamily) -> str | None:
+    """What keeps RetroMAE from pre-training a `model_type` encoder read through the row `family`, in words; `None` if nothing."""
+    if model_type in ENCODER_FAMILIES:
+        return f"{model_type!r} is already a family of ENCODER_FAMILIES"
+    if model_type not in CONFIG_MAPPING:
+        return f"transformers has no model type {model_type!r}"
+    config = CONFIG_MAPPING[model_type]()
+    if getattr(config, "is_encoder_decoder", False):
+        return f"a {model_type} model is an encoder-decoder; RetroMAE pre-trains an encoder, whose first token's state is the sentence embedding"
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
+        kind = "a decoder-only model, with" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "a model with"
+        return f"{model_type} is {kind} no masked-LM class (AutoModelForMaskedLM), and RetroMAE trains the encoder and rebuilds the tokens with its MLM head"
+    with torch.device("meta"):
+        masked_lm = AutoModelForMaskedLM.from_config(config)
+    return row_problem(masked_lm, family)
+
+
+def row_problem(masked_lm: PreTrainedModel, family: EncoderFamily) -> str | None:
+    """What the row `family` gets wrong about `masked_lm`, a model of its family (weights need not exist); `None` if nothing."""
+    config, names, base = masked_lm.config, family.config_names, masked_lm.base_model
+    missing = [names.get(name, name) for name in ("hidden_size", "num_attention_heads") if not hasattr(config, names.get(name, name))]
+    if missing:
+        return f"its config has no {', '.join(missing)}, which the decoder reads (config_names gives the family's names)"
+    embeddings = getattr(base, "embeddings", None)
+    if not isinstance(embeddings, nn.Module) or not {"input_ids", "inputs_embeds"} <= inspect.signature(embeddings.forward).parameters.keys():
+        return "its base model has no embeddings module taking input_ids and inputs_embeds, from which the decoder's streams are made"
+    if family.embeddings_projection is not None and not isinstance(getattr(base, family.embeddings_projection, None), nn.Module):
+        return f"its base model has no {family.embeddings_projection!r} layer (embeddings_projection)"
+    if not family.rotary and not isinstance(getattr(embeddings, "position_embeddings", None), nn.Embedding):
+        return "its embeddings have no position table (position_embeddings) for position_offset to point into; a row without one gives position_offset=None"
+    try:
+        (family.rotary_base if family.rotary else family.position_offset)(config)
+        weight, bias = family.head_output(masked_lm)
+        states = torch.zeros(2, getattr(config, names.get("hidden_size", "hidden_size")), device=weight.device)
+        scores = F.linear(family.head_transform(masked_lm, states), weight, bias)
+    except Exception as error:  # the row's functions are the user's: say which failed, and how
+        return f"its functions fail on a {type(masked_lm).__name__} ({type(error).__name__}: {error})"
+    if tuple(scores.shape) != (2, config.vocab_size):
+        return f"head_transform and head_output give scores of shape {tuple(scores.shape)} for 2 rows, not (2, vocab_size {config.vocab_size})"
+    return None
+
+
 @dataclass
 class RetroMAEModelOutput(ModelOutput):
     """
@@ -264,151 +354,24 @@ class RetroMAEForPreTrainingOutput(ModelOutput):
     bow_loss: torch.FloatTensor | None = None
 
 
-def write_sentence_transformers_files(folder: str | os.PathLike, config: PreTrainedConfig) -> None:
-    """Configure a saved encoder folder for sentence-transformers: first-token pooling, no pooler layer, cosine similarity."""
-    files = {
-        "modules.json": SENTENCE_TRANSFORMERS_MODULES,
-        "sentence_bert_config.json": {"max_seq_length": max_tokens(config), "do_lower_case": False},
-        "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
-        "1_Pooling/config.json": {
-            "word_embedding_dimension": config.hidden_size,
-            "pooling_mode_cls_token": True,
-            "pooling_mode_mean_tokens": False,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        },
-    }
-    for name, content in files.items():
-        path = os.path.join(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2)
-            file.write("\n")
-
-
-class RetroMAEReleasedEncoder:
+@dataclass
+class RetroMAELosses(ModelOutput):
     """
-    Saving writes what users are handed: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in.
+    The objective's losses of a batch, from [`RetroMAEForPreTraining.pretraining_losses`].
 
-    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, the family's
-    config.json (its `model_type`, its own architecture) whose `auto_map` points the encoder
-    classes at this code, and the sentence-transformers files, so that `SentenceTransformer(folder)`
-    embeds with the first token as RetroMAE does, and the family's tools take the folder as it is.
+    Args:
+        loss, encoder_loss, decoder_loss, bow_loss:
+            As in [`RetroMAEForPreTrainingOutput`]: the objective, its terms, and DupMAE's unweighted BoW loss (`None` for RetroMAE).
+        decoder_states (`torch.FloatTensor` of shape `(batch, seq, hidden)`):
+            The enhanced decoder's final states, which `decoder_loss` scores: for the decoder's logits
+            or accuracy without decoding again.
     """
 
-    family_architecture: str
-
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
-        upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if not is_main_process:
-            return
-        auto_map = release_auto_map(self.config.model_type)
-        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
-            json.dump(release_config_dict(self.config, self.family_architecture, auto_map), file, indent=2, sort_keys=True)
-            file.write("\n")
-        write_sentence_transformers_files(save_directory, self.config)
-        if push_to_hub:
-            self.push_to_hub(upload.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **upload)
-
-
-class RetroMAESentenceEmbedding:
-    """The family's base model, returning the sentence embedding: the final first-token state (paper §3.2)."""
-
-    def forward(self, *args, **kwargs: Unpack[TransformersKwargs]) -> RetroMAEModelOutput:
-        """The family's base model's outputs, and the sentence embedding: the final state at the first token."""
-        outputs = super().forward(*args, **(kwargs | {"return_dict": True}))
-        if kwargs.get("return_dict") is False:
-            return (outputs.last_hidden_state, outputs.last_hidden_state[:, 0])
-        return RetroMAEModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            sentence_embedding=outputs.last_hidden_state[:, 0],
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-
-
-def builds_pooler(model_type: str) -> bool:
-    """Whether the family's base model builds a pooler unless told `add_pooling_layer=False` (BERT, RoBERTa, ...)."""
-    return "add_pooling_layer" in MODEL_MAPPING[CONFIG_MAPPING[model_type]].__init__.__code__.co_varnames
-
-
-def family_config(config: PreTrainedConfig, model_type: str) -> PreTrainedConfig:
-    """
-    The config a released encoder class of `model_type` is built from: the family's own as it is,
-    or a `RetroMAEConfig`'s encoder carrying RetroMAE's settings (as earlier versions built encoders).
-    """
-    if not isinstance(config, RetroMAEConfig):
-        return config
-    if config.encoder.model_type != model_type:
-        raise ValueError(f"This class is a {model_type!r} encoder; the RetroMAEConfig describes a {config.encoder.model_type!r} one.")
-    encoder = copy.deepcopy(config.encoder)
-    for name in RETROMAE_FIELDS:
-        setattr(encoder, name, getattr(config, name))
-    return encoder
-
-
-def released_encoder_classes(model_type: str) -> tuple[type, type]:
-    """
-    The two encoder classes of one family that `trust_remote_code=True` resolves to.
-
-    The first is the family's base model without a pooler, returning `sentence_embedding` (what
-    `AutoModel` gives); the second the family's own `...ForMaskedLM` (what `AutoModelForMaskedLM`
-    gives, the layout of a release). Parameter names are the family's, so its checkpoints load
-    into them and they save as its checkpoints. Releases also hold an MLM head, BERT checkpoints
-    a pooler, pre-training checkpoints of earlier versions the decoder: loading skips those
-    quietly. The paper's BERT keeps the names `RetroMAEModel` and `RetroMAEForMaskedLM`; the
-    other families' classes are named after their own (`RetroMAEXLMRobertaModel`, ...).
-    """
-    config_class = CONFIG_MAPPING[model_type]
-    base_class, masked_lm_class = MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
-    names = ("RetroMAEModel", "RetroMAEForMaskedLM") if model_type == "bert" else (f"RetroMAE{base_class.__name__}", f"RetroMAE{masked_lm_class.__name__}")
-    takes_pooler_flag = builds_pooler(model_type)
-
-    def without_pooler(self, config, **kwargs):
-        config = family_config(config, model_type)
-        base_class.__init__(self, config, **({"add_pooling_layer": False} if takes_pooler_flag else {}), **kwargs)
-
-    def with_mlm_head(self, config, **kwargs):
-        masked_lm_class.__init__(self, family_config(config, model_type), **kwargs)
-
-    def forward(self, *args, **kwargs):
-        return RetroMAESentenceEmbedding.forward(self, *args, **kwargs)
-
-    # The family's signature, which transformers reads: `main_input_name`, the Trainer's `remove_unused_columns`.
-    forward.__signature__ = inspect.signature(base_class.forward).replace(return_annotation=RetroMAEModelOutput)
-    forward.__doc__ = RetroMAESentenceEmbedding.forward.__doc__
-
-    model = type(names[0], (RetroMAESentenceEmbedding, RetroMAEReleasedEncoder, base_class), {
-        "__init__": without_pooler,
-        "forward": forward,
-        "__doc__": f"The RetroMAE encoder of a {base_class.__name__}: no pooler, returns the sentence embedding.",
-        "__module__": __name__,
-        "family_architecture": base_class.__name__,
-        "_keys_to_ignore_on_load_unexpected": [rf"^(?!{base_class.base_model_prefix}\.)", r"pooler\."],
-    })
-    masked_lm = type(names[1], (RetroMAEReleasedEncoder, masked_lm_class), {
-        "__init__": with_mlm_head,
-        "__doc__": f"The RetroMAE encoder with its MLM head: a {masked_lm_class.__name__}, the layout of a release.",
-        "__module__": __name__,
-        "family_architecture": masked_lm_class.__name__,
-        "_keys_to_ignore_on_load_unexpected": [r"^decoder\.layers\.", r"pooler\."],
-    })
-    model.register_for_auto_class("AutoModel")
-    masked_lm.register_for_auto_class("AutoModelForMaskedLM")
-    return model, masked_lm
-
-
-RELEASED_ENCODERS = {model_type: released_encoder_classes(model_type) for model_type in ENCODER_FAMILIES}
-globals().update({cls.__name__: cls for pair in RELEASED_ENCODERS.values() for cls in pair})
-RetroMAEModel, RetroMAEForMaskedLM = RELEASED_ENCODERS["bert"]
-
-
-def release_auto_map(model_type: str) -> dict:
-    """The `auto_map` of a release of `model_type`: the encoder classes of that family in this file."""
-    module = __name__.rsplit(".", 1)[-1]
-    model, masked_lm = RELEASED_ENCODERS[model_type]
-    return {"AutoModel": f"{module}.{model.__name__}", "AutoModelForMaskedLM": f"{module}.{masked_lm.__name__}"}
+    loss: torch.FloatTensor | None = None
+    encoder_loss: torch.FloatTensor | None = None
+    decoder_loss: torch.FloatTensor | None = None
+    bow_loss: torch.FloatTensor | None = None
+    decoder_states: torch.FloatTensor | None = None
 
 
 # Whole-word masking draws (the collator's encoder masking and the decoder's enhanced-decoding mask).
@@ -832,37 +795,63 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         the paper's ablation) the collator's decoder inputs are a masked copy, there is no
         description, and the decoder's mask only hides padding. With `return_logits=True` the MLM
         scores over the whole sequence are returned as well; the losses are the same either way.
+        The losses are `pretraining_losses`'s, from the encoder's states on `encoder_input_ids`.
         """
         encoder_states = self.encoder.base_model(encoder_input_ids, attention_mask=encoder_attention_mask).last_hidden_state
-        sentence_embedding = encoder_states[:, 0]  # (batch, hidden) h_X, the first token's final state
-        encoder_loss = self.masked_lm_loss(encoder_states, encoder_labels)
-
         description = (decoder_word_ids, decoder_mask_seeds, decoder_mask_budget, decoder_row_patterns)
-        if self.config.enhanced_decoding != (decoder_word_ids is not None):
-            raise ValueError(
-                f"The batch {'describes no' if decoder_word_ids is None else 'describes an'} enhanced-decoding mask "
-                f"({', '.join(EnhancedDecodingMask.DESCRIPTION)}), and the config has enhanced_decoding="
-                f"{self.config.enhanced_decoding}: build the collator with RetroMAECollator.from_config(model.config, tokenizer)."
-            )
-        mask = EnhancedDecodingMask(encoder_attention_mask, *(description if self.config.enhanced_decoding else ()))
-        decoded = self.decode(sentence_embedding, decoder_input_ids, mask)
-        decoder_loss = self.masked_lm_loss(decoded, decoder_labels)
+        batch = {
+            "encoder_attention_mask": encoder_attention_mask,
+            "encoder_labels": encoder_labels,
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_labels": decoder_labels,
+            **dict(zip(EnhancedDecodingMask.DESCRIPTION, description)),
+        }
+        losses = self.pretraining_losses(encoder_states, batch)
+        return RetroMAEForPreTrainingOutput(
+            loss=losses.loss,
+            encoder_loss=losses.encoder_loss,
+            decoder_loss=losses.decoder_loss,
+            sentence_embedding=encoder_states[:, 0],
+            encoder_logits=self.mlm_head(encoder_states) if return_logits else None,
+            decoder_logits=self.mlm_head(losses.decoder_states) if return_logits else None,
+            bow_loss=losses.bow_loss,
+        )
+
+    def pretraining_losses(self, encoder_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> RetroMAELosses:
+        """
+        The objective's losses of a `RetroMAECollator` batch, from the encoder's final states on its masked input.
+
+        The one home of the objective: `forward`, `RetroMAELoss` (whose SentenceTransformer runs the
+        encoder) and the held-out evaluation take their losses from here. The sentence embedding
+        `h_X` is the first token's state; the decoder rebuilds every token from it under the
+        batch's enhanced-decoding mask (Eq. 6-8); the loss is `encoder_loss + decoder_loss`, and
+        DupMAE adds `bow_loss_weight * bow_loss`, taken from the same encoder states.
+        """
+        sentence_embedding = encoder_states[:, 0]  # (batch, hidden) h_X, the first token's final state
+        # The encoder's loss is built before the decoder: the order sets the order in which backward
+        # sums the tied word embeddings' gradients, and so their last bits.
+        encoder_loss = self.masked_lm_loss(encoder_states, batch["encoder_labels"])
+        decoder_states = self.decode(sentence_embedding, batch["decoder_input_ids"], self.enhanced_decoding_mask(batch))
+        decoder_loss = self.masked_lm_loss(decoder_states, batch["decoder_labels"])
         loss = encoder_loss + decoder_loss
 
         bow_loss = None
         if self.config.objective == "dupmae":
-            bow_loss = self.bag_of_words_loss(encoder_states, encoder_attention_mask, decoder_labels)
+            bow_loss = self.bag_of_words_loss(encoder_states, batch["encoder_attention_mask"], batch["decoder_labels"])
             loss = loss + self.config.bow_loss_weight * bow_loss
 
-        return RetroMAEForPreTrainingOutput(
-            loss=loss,
-            encoder_loss=encoder_loss,
-            decoder_loss=decoder_loss,
-            sentence_embedding=sentence_embedding,
-            encoder_logits=self.mlm_head(encoder_states) if return_logits else None,
-            decoder_logits=self.mlm_head(decoded) if return_logits else None,
-            bow_loss=bow_loss,
-        )
+        return RetroMAELosses(loss=loss, encoder_loss=encoder_loss, decoder_loss=decoder_loss, bow_loss=bow_loss, decoder_states=decoder_states)
+
+    def enhanced_decoding_mask(self, batch: dict[str, torch.Tensor]) -> EnhancedDecodingMask:
+        """The mask the batch describes (padding only for the ablation); `ValueError` where the batch and the config disagree on enhanced decoding."""
+        described = batch.get("decoder_word_ids") is not None
+        if self.config.enhanced_decoding != described:
+            raise ValueError(
+                f"The batch {'describes an' if described else 'describes no'} enhanced-decoding mask "
+                f"({', '.join(EnhancedDecodingMask.DESCRIPTION)}), and the config has enhanced_decoding="
+                f"{self.config.enhanced_decoding}: build the collator with RetroMAECollator.from_config(model.config, tokenizer)."
+            )
+        return EnhancedDecodingMask.from_batch(batch)
 
     def decode(self, sentence_embedding: torch.Tensor, decoder_input_ids: torch.LongTensor, mask: EnhancedDecodingMask) -> torch.Tensor:
         """The decoder's final states: the sentence rebuilt from `h_X` and the decoder's inputs (Eq. 6-8)."""
@@ -934,7 +923,6 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         states = self.family.head_transform(self.encoder, hidden_states[labelled])
         return linear_cross_entropy(states, weight, bias, labels[labelled]) / labelled.sum().clamp(min=1)
 
-
     def bag_of_words_loss(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, decoder_labels: torch.LongTensor) -> torch.Tensor:
         """
         DupMAE's bag-of-words loss: cross entropy of the log-softmax of `bag_of_words_scores` against the bag of words.
@@ -970,6 +958,13 @@ def bag_of_words_target(labels: torch.LongTensor, vocab_size: int) -> torch.Tens
     present = torch.zeros(labels.shape[0], vocab_size, device=labels.device)
     present.scatter_reduce_(1, labels.clamp(min=0), labelled.float(), reduce="amax")
     return present / labelled.sum(1, keepdim=True).clamp(min=1)
+
+
+def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Read a state dict of an earlier version (BERT encoder and head at the top level) into the current layout."""
+    for old, new in RetroMAEForPreTraining.LEGACY_PREFIXES.items():
+        for key in [key for key in state_dict if key.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
 
 
 def linear_max_over_positions(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, penalty: torch.Tensor) -> torch.Tensor:
@@ -1101,11 +1096,278 @@ class LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
-    """Read a state dict of an earlier version (BERT encoder and head at the top level) into the current layout."""
-    for old, new in RetroMAEForPreTraining.LEGACY_PREFIXES.items():
-        for key in [key for key in state_dict if key.startswith(prefix + old)]:
-            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+# What is handed to users: the released classes, and what writes a release.
+
+# sentence-transformers' files for first-token pooling, in the format every version of it reads.
+SENTENCE_TRANSFORMERS_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+]
+
+
+def write_sentence_transformers_files(folder: str | os.PathLike, config: PreTrainedConfig, max_seq_length: int | None = None) -> None:
+    """
+    Configure a saved encoder folder for sentence-transformers: first-token pooling, no pooler layer, cosine similarity.
+
+    Inputs are truncated at `max_seq_length` tokens; left out, at as many as the positions allow
+    (a pre-training run passes its own rule's length, docs/publishing.md).
+    """
+    files = {
+        "modules.json": SENTENCE_TRANSFORMERS_MODULES,
+        "sentence_bert_config.json": {"max_seq_length": max_seq_length or max_tokens(config), "do_lower_case": False},
+        "config_sentence_transformers.json": sentence_transformers_config(),
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": config.hidden_size,
+            "pooling_mode_cls_token": True,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    }
+    for name, content in files.items():
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2)
+            file.write("\n")
+
+
+def sentence_transformers_config() -> dict:
+    """
+    config_sentence_transformers.json as sentence-transformers' own `save` writes it for a model with
+    cosine similarity and no prompts: its model type, the versions that wrote it (sentence-transformers'
+    where it is installed), its empty query and document prompts.
+    """
+    versions = {"transformers": transformers.__version__, "pytorch": torch.__version__}
+    try:
+        versions["sentence_transformers"] = importlib.metadata.version("sentence-transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pass  # written without sentence-transformers: no version of it to name
+    return {
+        "model_type": "SentenceTransformer",
+        "__version__": versions,
+        "prompts": {"query": "", "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+
+
+class RetroMAEReleasedEncoder:
+    """
+    Saving writes what users are handed: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in.
+
+    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, the family's
+    config.json (its `model_type`, its own architecture) whose `auto_map` points the encoder
+    classes at this code, and the sentence-transformers files, so that `SentenceTransformer(folder)`
+    embeds with the first token as RetroMAE does, and the family's tools take the folder as it is.
+    A family added by `register_family` has no classes in this file: its releases hold no code and no `auto_map`.
+    `max_seq_length` is where sentence-transformers truncates inputs (as the positions allow where not given).
+    """
+
+    family_architecture: str
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, max_seq_length: int | None = None, **kwargs
+    ):
+        upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        auto_map = release_auto_map(self.config.model_type)
+        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
+            json.dump(release_config_dict(self.config, self.family_architecture, auto_map), file, indent=2, sort_keys=True)
+            file.write("\n")
+        write_sentence_transformers_files(save_directory, self.config, max_seq_length)
+        if push_to_hub:
+            self.push_to_hub(upload.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **upload)
+
+
+def family_classes(model_type: str) -> tuple[type, type]:
+    """The family's base model class (`BertModel`, ...) and its masked-LM class (`BertForMaskedLM`, ...) in transformers."""
+    config_class = CONFIG_MAPPING[model_type]
+    return MODEL_MAPPING[config_class], MODEL_FOR_MASKED_LM_MAPPING[config_class]
+
+
+def builds_pooler(model_type: str) -> bool:
+    """Whether the family's base model builds a pooler unless told `add_pooling_layer=False` (BERT, RoBERTa, ...)."""
+    return "add_pooling_layer" in family_classes(model_type)[0].__init__.__code__.co_varnames
+
+
+def family_config(config: PreTrainedConfig, model_type: str) -> PreTrainedConfig:
+    """
+    The config a released encoder class of `model_type` is built from: the family's own as it is,
+    or a `RetroMAEConfig`'s encoder carrying RetroMAE's settings (as earlier versions built encoders).
+    """
+    if not isinstance(config, RetroMAEConfig):
+        return config
+    if config.encoder.model_type != model_type:
+        raise ValueError(f"This class is a {model_type!r} encoder; the RetroMAEConfig describes a {config.encoder.model_type!r} one.")
+    encoder = copy.deepcopy(config.encoder)
+    for name in RETROMAE_FIELDS:
+        setattr(encoder, name, getattr(config, name))
+    return encoder
+
+
+class RetroMAEEncoderModel(RetroMAEReleasedEncoder):
+    """
+    The RetroMAE encoder of a family without its MLM head: what `AutoModel` gives with `trust_remote_code=True`.
+
+    Each family declares one, `class RetroMAE<Base>(RetroMAEEncoderModel, <Base>)`, its base model
+    class last: that base model without a pooler, whose `forward` takes the family's arguments (its
+    signature, which transformers reads: `main_input_name`, the Trainer's `remove_unused_columns`)
+    and returns the sentence embedding as well (paper §3.2). Parameter names are the family's, so its
+    checkpoints load into it and it saves as one of them. Releases also hold an MLM head, BERT
+    checkpoints a pooler: loading skips those quietly.
+    """
+
+    _auto_class = "AutoModel"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = cls.__bases__[-1]
+        cls.family_architecture = base.__name__
+        cls._keys_to_ignore_on_load_unexpected = [rf"^(?!{base.base_model_prefix}\.)", r"pooler\."]
+
+        def forward(self, *args, **kwargs):
+            return RetroMAEEncoderModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(base.forward).replace(return_annotation=RetroMAEModelOutput)
+        forward.__doc__ = RetroMAEEncoderModel.forward.__doc__
+        cls.forward = forward
+
+    def __init__(self, config: PreTrainedConfig, **kwargs):
+        model_type = self.config_class.model_type
+        without_pooler = {"add_pooling_layer": False} if builds_pooler(model_type) else {}
+        super().__init__(family_config(config, model_type), **without_pooler, **kwargs)
+
+    def forward(self, *args, **kwargs: Unpack[TransformersKwargs]) -> RetroMAEModelOutput:
+        """The family's base model's outputs, and the sentence embedding: the final state at the first token."""
+        outputs = super().forward(*args, **(kwargs | {"return_dict": True}))
+        if kwargs.get("return_dict") is False:
+            return (outputs.last_hidden_state, outputs.last_hidden_state[:, 0])
+        return RetroMAEModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            sentence_embedding=outputs.last_hidden_state[:, 0],
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class RetroMAEEncoderForMaskedLM(RetroMAEReleasedEncoder):
+    """
+    The RetroMAE encoder of a family with its MLM head, the layout of a release: what `AutoModelForMaskedLM`
+    gives with `trust_remote_code=True`.
+
+    Each family declares one, `class RetroMAE<...ForMaskedLM>(RetroMAEEncoderForMaskedLM, <...ForMaskedLM>)`:
+    the family's own masked-LM model. Pre-training checkpoints of earlier versions also hold the
+    decoder, BERT checkpoints a pooler: loading skips those quietly.
+    """
+
+    _auto_class = "AutoModelForMaskedLM"
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.layers\.", r"pooler\."]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.family_architecture = cls.__bases__[-1].__name__
+
+    def __init__(self, config: PreTrainedConfig, **kwargs):
+        super().__init__(family_config(config, self.config_class.model_type), **kwargs)
+
+
+# The encoder classes of the families of `ENCODER_FAMILIES`, the names a release's `auto_map` gives.
+# The paper's BERT keeps the names `RetroMAEModel` and `RetroMAEForMaskedLM`; the other families'
+# classes are named after their own.
+
+
+class RetroMAEModel(RetroMAEEncoderModel, BertModel):
+    """BERT's (the paper's) RetroMAE encoder: a `BertModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEForMaskedLM(RetroMAEEncoderForMaskedLM, BertForMaskedLM):
+    """BERT's (the paper's) RetroMAE encoder with its MLM head: a `BertForMaskedLM`, the layout of a release."""
+
+
+class RetroMAERobertaModel(RetroMAEEncoderModel, RobertaModel):
+    """RoBERTa's RetroMAE encoder: a `RobertaModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAERobertaForMaskedLM(RetroMAEEncoderForMaskedLM, RobertaForMaskedLM):
+    """RoBERTa's RetroMAE encoder with its MLM head: a `RobertaForMaskedLM`, the layout of a release."""
+
+
+class RetroMAEXLMRobertaModel(RetroMAEEncoderModel, XLMRobertaModel):
+    """XLM-RoBERTa's RetroMAE encoder: a `XLMRobertaModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEXLMRobertaForMaskedLM(RetroMAEEncoderForMaskedLM, XLMRobertaForMaskedLM):
+    """XLM-RoBERTa's RetroMAE encoder with its MLM head: a `XLMRobertaForMaskedLM`, the layout of a release."""
+
+
+class RetroMAEModernBertModel(RetroMAEEncoderModel, ModernBertModel):
+    """ModernBERT's RetroMAE encoder: a `ModernBertModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEModernBertForMaskedLM(RetroMAEEncoderForMaskedLM, ModernBertForMaskedLM):
+    """ModernBERT's RetroMAE encoder with its MLM head: a `ModernBertForMaskedLM`, the layout of a release."""
+
+
+class RetroMAEDebertaV2Model(RetroMAEEncoderModel, DebertaV2Model):
+    """DeBERTa-v2's (and v3's) RetroMAE encoder: a `DebertaV2Model` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEDebertaV2ForMaskedLM(RetroMAEEncoderForMaskedLM, DebertaV2ForMaskedLM):
+    """DeBERTa-v2's (and v3's) RetroMAE encoder with its MLM head: a `DebertaV2ForMaskedLM`, the layout of a release."""
+
+
+class RetroMAEDistilBertModel(RetroMAEEncoderModel, DistilBertModel):
+    """DistilBERT's RetroMAE encoder: a `DistilBertModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEDistilBertForMaskedLM(RetroMAEEncoderForMaskedLM, DistilBertForMaskedLM):
+    """DistilBERT's RetroMAE encoder with its MLM head: a `DistilBertForMaskedLM`, the layout of a release."""
+
+
+class RetroMAEElectraModel(RetroMAEEncoderModel, ElectraModel):
+    """ELECTRA's RetroMAE encoder: a `ElectraModel` without a pooler, returning the sentence embedding."""
+
+
+class RetroMAEElectraForMaskedLM(RetroMAEEncoderForMaskedLM, ElectraForMaskedLM):
+    """ELECTRA's RetroMAE encoder with its MLM head: a `ElectraForMaskedLM`, the layout of a release."""
+
+
+RELEASED_ENCODERS = {
+    "bert": (RetroMAEModel, RetroMAEForMaskedLM),
+    "roberta": (RetroMAERobertaModel, RetroMAERobertaForMaskedLM),
+    "xlm-roberta": (RetroMAEXLMRobertaModel, RetroMAEXLMRobertaForMaskedLM),
+    "modernbert": (RetroMAEModernBertModel, RetroMAEModernBertForMaskedLM),
+    "deberta-v2": (RetroMAEDebertaV2Model, RetroMAEDebertaV2ForMaskedLM),
+    "distilbert": (RetroMAEDistilBertModel, RetroMAEDistilBertForMaskedLM),
+    "electra": (RetroMAEElectraModel, RetroMAEElectraForMaskedLM),
+}
+
+
+def release_auto_map(model_type: str) -> dict | None:
+    """The `auto_map` of a release of `model_type`: its two classes in this file; `None` for a family added by `register_family`."""
+    model, masked_lm = RELEASED_ENCODERS[model_type]
+    if model._auto_class is None:
+        return None
+    module = __name__.rsplit(".", 1)[-1]
+    return {"AutoModel": f"{module}.{model.__name__}", "AutoModelForMaskedLM": f"{module}.{masked_lm.__name__}"}
+
+
+def registered_release_classes(model_type: str) -> tuple[type, type]:
+    """
+    The two encoder classes of a family added by `register_family`, made as the ones above are declared.
+
+    No file holds them, so they are not remote code: their releases have no `auto_map` and load
+    as the family's own checkpoints, which they are.
+    """
+    base, masked_lm = family_classes(model_type)
+    not_remote_code = {"_auto_class": None, "__module__": __name__}
+    return (
+        type(f"RetroMAE{base.__name__}", (RetroMAEEncoderModel, base), dict(not_remote_code)),
+        type(f"RetroMAE{masked_lm.__name__}", (RetroMAEEncoderForMaskedLM, masked_lm), dict(not_remote_code)),
+    )
 
 
 class RetroMAECheckpointEncoder(RetroMAEPreTrainedModel):
@@ -1133,13 +1395,29 @@ RetroMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "ENCODER_FAMILIES",
+    "EncoderFamily",
     "EnhancedDecodingMask",
+    # The released classes, two per family of ENCODER_FAMILIES.
+    "RetroMAEModel",
     "RetroMAEForMaskedLM",
+    "RetroMAERobertaModel",
+    "RetroMAERobertaForMaskedLM",
+    "RetroMAEXLMRobertaModel",
+    "RetroMAEXLMRobertaForMaskedLM",
+    "RetroMAEModernBertModel",
+    "RetroMAEModernBertForMaskedLM",
+    "RetroMAEDebertaV2Model",
+    "RetroMAEDebertaV2ForMaskedLM",
+    "RetroMAEDistilBertModel",
+    "RetroMAEDistilBertForMaskedLM",
+    "RetroMAEElectraModel",
+    "RetroMAEElectraForMaskedLM",
     "RetroMAEForPreTraining",
     "RetroMAEForPreTrainingOutput",
-    "RetroMAEModel",
+    "RetroMAELosses",
     "RetroMAEModelOutput",
     "RetroMAEPreTrainedModel",
     "encoder_family",
+    "register_family",
     "write_sentence_transformers_files",
 ]

@@ -14,7 +14,6 @@ and counts it. A passage of nothing but [UNK] (an emoji-only line, a URL or a 20
 so that a run says how much of its corpus the vocabulary could not spell.
 """
 
-import multiprocessing
 import re
 
 import datasets
@@ -23,16 +22,12 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from .collator import special_token_ids, vocabulary_flags
-from .corpus import ARROW_BATCH
+from .corpus import ARROW_BATCH, CorpusCounts
 
 
 # A sentence ends at . ! ? (and their CJK forms), after any closing quotes or brackets, before white space.
 SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s+")
 SPECIAL_TOKENS_PER_PASSAGE = 2  # the collator adds the first token ([CLS] / <s>) and the separator
-# Passages left out for having no text, and passages of nothing but [UNK], counted across data-loader
-# workers (forked from this process, so they share the counters).
-EMPTY = multiprocessing.Value("q", 0)
-UNKNOWN = multiprocessing.Value("q", 0)
 
 
 class PassageSplitter:
@@ -84,19 +79,19 @@ class FirstPassage(PassageSplitter):
 
 class TrainedPassages:
     """
-    The passages with text to rebuild; those without are left out and counted (`empty_passages`).
+    The passages with text to rebuild; those without are left out and counted (`counts["empty"]`).
 
     A passage has text when it holds a token other than the special ones ([UNK] is text, see
-    `special_token_ids`). Passages of nothing but [UNK] are kept and counted (`unknown_passages`).
+    `special_token_ids`). Passages of nothing but [UNK] are kept and counted (`counts["unknown"]`).
     Called on a batch of a stream (a batched `datasets.map` function, in the data-loader workers);
     `select` does the same for a dataset cut before training, with Arrow, every time (a cached cut
-    is counted too). Making one resets both counts.
+    is counted too).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, counts: CorpusCounts):
         self.is_special = vocabulary_flags(special_token_ids(tokenizer), len(tokenizer)).numpy()
         self.unknown_id = -1 if tokenizer.unk_token_id is None else tokenizer.unk_token_id
-        EMPTY.value = UNKNOWN.value = 0
+        self.counts = counts
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         lengths = [len(ids) for ids in batch["input_ids"]]
@@ -119,21 +114,9 @@ class TrainedPassages:
         """(count,) True for the passages with text; counts those without and those of nothing but [UNK]."""
         text = np.bincount(passage_of_token[~self.is_special[tokens]], minlength=count)
         unknown = np.bincount(passage_of_token[tokens == self.unknown_id], minlength=count)
-        with EMPTY.get_lock():
-            EMPTY.value += int((text == 0).sum())
-        with UNKNOWN.get_lock():
-            UNKNOWN.value += int(((text > 0) & (unknown == text)).sum())
+        self.counts.add("empty", int((text == 0).sum()))
+        self.counts.add("unknown", int(((text > 0) & (unknown == text)).sum()))
         return text > 0
-
-
-def empty_passages() -> int:
-    """How many passages with no text `TrainedPassages` has left out (in a stream, of those read so far)."""
-    return EMPTY.value
-
-
-def unknown_passages() -> int:
-    """How many passages of nothing but [UNK] `TrainedPassages` has kept (in a stream, of those read so far)."""
-    return UNKNOWN.value
 
 
 def sentence_of_each_token(text: str, token_starts: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .configuration_retromae import RetroMAEConfig
 from .modeling_retromae import DECODER_BLOCK_SCORES, LOGITS_CHUNK, RetroMAEForPreTraining, decoder_config, encoder_family, max_tokens
 from .errors import UsageError, at_least, positive
-from .pretrain import SIZES
+from .settings import SIZES
 
 
 GIB = 2**30
@@ -50,6 +50,7 @@ KNOWN_MODELS = {
 BERT_VOCABULARY = 30522  # the vocabulary of a size name (pretrain --config), bert-base-uncased's
 PRECISIONS = ("bf16", "fp32")
 ENGINE_NAMES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP")
+MAX_BATCH = 2**40  # where the search for the largest batch stops: more passages than any GPU holds
 
 
 class PlanError(UsageError):
@@ -91,8 +92,9 @@ def encoder_config(model: str, max_length: int) -> PreTrainedConfig:
     """
     The encoder configuration `--model` names: a size name of `retromae pretrain --config` (a BERT
     with bert-base-uncased's vocabulary), a known checkpoint (`KNOWN_MODELS`), or a folder or Hub id
-    whose config.json is at hand (no download). A position table shorter than `max_length` is
-    taken as extended to it, as BGE-M3 extended XLM-RoBERTa's to 8,192 tokens.
+    whose config.json is at hand (no download). A `max_length` beyond the model's positions is
+    refused, as `retromae pretrain` refuses it: the plan is of a job pretrain would run, and
+    pretrain does not extend a position table.
     """
     if model in SIZES:
         config = CONFIG_MAPPING["bert"](vocab_size=BERT_VOCABULARY, **SIZES[model])
@@ -108,11 +110,14 @@ def encoder_config(model: str, max_length: int) -> PreTrainedConfig:
         if config.model_type == "retromae":
             config = config.encoder
     try:
-        family = encoder_family(config.model_type)
+        encoder_family(config.model_type)
     except ValueError as error:
         raise PlanError(f"--model {model}: {error}") from None
-    if max_tokens(config) < max_length:
-        config.max_position_embeddings = max_length + (0 if family.rotary else family.position_offset(config))
+    if max_length > max_tokens(config):
+        raise PlanError(
+            f"--max-length {max_length} exceeds the {max_tokens(config)} tokens the model's positions allow "
+            "(`retromae pretrain` refuses it too): plan a model whose config has a longer position table."
+        )
     return config
 
 
@@ -263,11 +268,16 @@ def step_memory(
 
 
 def largest_batch(memory, capacity: float) -> int:
-    """The largest batch whose peak fits in `capacity` bytes (0 when not even one passage does); the peak grows with the batch."""
+    """
+    The largest batch whose peak fits in `capacity` bytes (0 when not even one passage does), at most
+    `MAX_BATCH` (a capacity too large for a float, such as 1e308 GiB, is infinite); the peak grows with the batch.
+    """
     if memory(1).peak > capacity:
         return 0
     low, high = 1, 2
     while memory(high).peak <= capacity:
+        if high >= MAX_BATCH:
+            return MAX_BATCH
         low, high = high, high * 2
     while high - low > 1:
         middle = (low + high) // 2
@@ -304,7 +314,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"A size name ({', '.join(SIZES)}: BERT, as pretrain --config), a known model ({', '.join(KNOWN_MODELS)}), "
         "or a folder or Hub id whose config.json is at hand.",
     )
-    parser.add_argument("--max-length", type=at_least(3), required=True, help="Tokens per passage, the special tokens included.")
+    parser.add_argument(
+        "--max-length",
+        type=at_least(3),
+        required=True,
+        help="Tokens per passage, the special tokens included; up to what the model's positions allow (512 for a size name), "
+        "as for pretrain: a longer one is refused, not planned on an extended position table.",
+    )
     parser.add_argument("--batch-size", type=at_least(1), required=True, help="Passages per GPU and step.")
     parser.add_argument("--gpus", type=at_least(1), default=1, help="GPUs in the job (data-parallel processes). Default: 1.")
     parser.add_argument("--gpu-memory", type=positive, required=True, help="GiB of memory per GPU (e.g. 40 for an A100-40G).")

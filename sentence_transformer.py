@@ -51,3 +51,15 @@ def load_sentence_transformer(model_name_or_path: str) -> SentenceTransformer:
             f"encoder (OUTPUT_DIR/model), or write one with `retromae convert {model_name_or_path} DST`."
         )
     return to_sentence_transformer(model_name_or_path)
+
+
+def release_max_seq_length(base_model: str | None, max_length: int) -> int:
+    """
+    Where sentence-transformers truncates the release of a pre-training run (docs/publishing.md): the
+    longer of the lengths its encoder was trained to embed, the run's `max_length` and the starting
+    model's own `max_seq_length` where it is a sentence-transformers model (sentence-transformers keeps a
+    model's own when it trains it). A starting model whose files cannot be read counts as having none.
+    """
+    config = load_file_path(base_model, "sentence_bert_config.json") if base_model else None
+    own = json.loads(Path(config).read_text()).get("max_seq_length") if config else None
+    return max(max_length, own or 0)

@@ -28,17 +28,18 @@ from .model_folder import plain_masked_lm, quiet_loading, save_atomically, write
 from .modeling_retromae import max_tokens
 
 
-def splade_model(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> SparseEncoder:
+def splade_model(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_seq_length: int | None = None) -> SparseEncoder:
     """
     The SPLADE-max model of an encoder with its MLM head (a release's `...ForMaskedLM`, RetroMAE's
     or the family's own class): fill-mask `Transformer` over the family's own class, then `SpladePooling`.
+    Inputs are truncated at `max_seq_length` tokens, or as the positions allow where it is not given.
     """
     plain = plain_masked_lm(encoder)
     with tempfile.TemporaryDirectory() as folder:  # the Transformer module loads its model and tokenizer from a folder
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         with quiet_loading():
-            transformer = Transformer(folder, transformer_task="fill-mask", max_seq_length=max_tokens(plain.config))
+            transformer = Transformer(folder, transformer_task="fill-mask", max_seq_length=max_seq_length or max_tokens(plain.config))
     pooling = SpladePooling(pooling_strategy="max", activation_function="relu", embedding_dimension=plain.config.vocab_size)
     return SparseEncoder(modules=[transformer, pooling], similarity_fn_name="dot")
 
@@ -46,8 +47,8 @@ def splade_model(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 def write_sparse_model_files(
     folder: Path, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pretraining: dict | None = None
 ) -> None:
-    """The sparse folder's files: `splade_model`'s, and, where there is one, the record of the pre-training."""
-    splade_model(encoder, tokenizer).save(str(folder), create_model_card=False)
+    """The sparse folder's files: `splade_model`'s, and, where there is one, the record of the pre-training (and its `max_seq_length`)."""
+    splade_model(encoder, tokenizer, (pretraining or {}).get("max_seq_length")).save(str(folder), create_model_card=False)
     write_pretraining_record(folder, pretraining)
 
 
@@ -83,8 +84,9 @@ def load_sparse_encoder(model_name_or_path: str) -> SparseEncoder:
     other model, saying how to make a sparse one; what the loader raises, for what is no model.
     """
     not_sparse = UsageError(
-        f"{model_name_or_path} is not a sparse (SPLADE) model: make one from a RetroMAE or DupMAE release with "
-        f"`retromae convert --sparse {model_name_or_path} DST`."
+        f"{model_name_or_path} is not a sparse (SPLADE) model: `retromae convert --sparse SRC DST` makes one from a checkpoint "
+        "with an MLM head, such as a pretrain run's OUTPUT_DIR/model (a DupMAE run writes OUTPUT_DIR/sparse itself); a model "
+        "fine-tuned with `retromae finetune` has no MLM head, so convert the one it was fine-tuned from."
     )
     if (Path(model_name_or_path) / "modules.json").is_file() and not is_sparse_folder(Path(model_name_or_path)):
         raise not_sparse  # a dense sentence-transformers folder: refused before it is loaded

@@ -26,7 +26,8 @@ import torch
 
 from retromae.data import demo_articles
 from retromae.passages import PassageSplitter
-from retromae.pretrain import demo_model_path, hardware
+from retromae.loading import demo_model_path
+from retromae.run_record import hardware
 
 
 PARAGRAPHS_PER_RECORD = 8

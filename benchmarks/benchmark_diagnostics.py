@@ -22,10 +22,13 @@ from itertools import islice
 
 import torch
 
-from retromae.cli import build_parser
 from retromae.collator import RetroMAECollator
-from retromae.diagnostics import evaluate_held_out, held_out_set
-from retromae.pretrain import build_model_and_tokenizer, check_arguments, hardware, resolve_defaults, training_passages
+from retromae.corpus import CorpusCounts
+from retromae.diagnostics import evaluate_held_out
+from retromae.loading import build_model_and_tokenizer
+from retromae.run_passages import held_out_set, training_passages
+from retromae.run_record import hardware
+from retromae.settings import PretrainingSettings, check, resolved
 
 
 def clocks() -> tuple[float, float]:
@@ -54,22 +57,20 @@ def main() -> None:
     parser.add_argument("--output", help="Where the JSON report is written.")
     options = parser.parse_args()
 
-    demo = ["pretrain", "--output-dir", "unused"] + (["--config", "tiny", "--max-length", "32"] if options.smoke else [])
-    args = build_parser().parse_args(demo)
-    resolve_defaults(args)
-    check_arguments(args)
-    model, tokenizer = build_model_and_tokenizer(args)
-    collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=args.max_length, seed=args.seed)
-    held_out_set(args, None, tokenizer, collator)  # reads the demo corpus once (cached), so building is timed alone
+    settings = resolved(PretrainingSettings(output_dir="unused", **(dict(config="tiny", max_length=32) if options.smoke else {})))
+    check(settings)
+    model, tokenizer = build_model_and_tokenizer(settings)
+    collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=settings.max_length, seed=settings.seed)
+    held_out_set(settings, None, tokenizer, collator)  # reads the demo corpus once (cached), so building is timed alone
     start = clocks()
-    held_out = held_out_set(args, None, tokenizer, collator)
+    held_out = held_out_set(settings, None, tokenizer, collator)
     building = since(start)
 
     repeats = 2 if options.smoke else options.repeats
-    dataset, _ = training_passages(args, None, tokenizer)
-    passages = list(islice(iter(dataset), args.batch_size * (repeats + 1)))
-    batches = iter([collator(passages[i : i + args.batch_size]) for i in range(0, len(passages), args.batch_size)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    dataset, _ = training_passages(settings, None, tokenizer, CorpusCounts())
+    passages = list(islice(iter(dataset), settings.batch_size * (repeats + 1)))
+    batches = iter([collator(passages[i : i + settings.batch_size]) for i in range(0, len(passages), settings.batch_size)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
     def step():
         model(**next(batches)).loss.backward()
@@ -85,13 +86,13 @@ def main() -> None:
 
     evaluations = 2  # step 0 and the last step (the demo's --eval-steps, the save interval, exceeds its steps)
     overhead = {
-        clock: (building[index] + evaluations * one_evaluation[clock]) / (args.max_steps * one_step[clock])
+        clock: (building[index] + evaluations * one_evaluation[clock]) / (settings.max_steps * one_step[clock])
         for index, clock in enumerate(("wall_seconds", "cpu_seconds"))
     }
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{hardware(torch.device('cpu'))}, torch {torch.__version__}",
-        "settings": {name: getattr(args, name) for name in ("max_steps", "batch_size", "max_length", "eval_split", "eval_size", "eval_steps")},
+        "settings": {name: getattr(settings, name) for name in ("max_steps", "batch_size", "max_length", "eval_split", "eval_size", "eval_steps")},
         "held_out_passages": len(held_out),
         "building_the_held_out_set": {"wall_seconds": building[0], "cpu_seconds": building[1]},
         "one_evaluation": one_evaluation,

@@ -62,7 +62,8 @@ from retromae.data import Article, demo_articles
 from retromae.diagnostics import HeldOutSet, evaluate_held_out, first_passages
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
 from retromae.model_folder import save_atomically, write_model_files
-from retromae.pretrain import hardware, load_tokenizer
+from retromae.loading import load_tokenizer
+from retromae.run_record import hardware
 from retromae.sentence_transformer import load_sentence_transformer
 
 

@@ -12,6 +12,7 @@ import jinja2.meta
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from ..citations import citations
 from ..diagnostics import LABELS
 from ..errors import UsageError, is_hub_id
 from ..model_folder import public_name
@@ -24,21 +25,6 @@ SPARSE_TAGS = ["retromae", "sentence-transformers", "sparse-encoder", "sparse", 
 PIPELINE_TAG = "sentence-similarity"
 SPARSE_PIPELINE_TAG = "feature-extraction"  # sentence-transformers' own tag for SparseEncoder models
 METRIC_NAMES = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@100": "Recall@100"}
-CITATION = """@inproceedings{xiao2022retromae,
-  title     = {RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked Auto-Encoder},
-  author    = {Xiao, Shitao and Liu, Zheng and Shao, Yingxia and Cao, Zhao},
-  booktitle = {Proceedings of the 2022 Conference on Empirical Methods in Natural Language Processing},
-  pages     = {538--548},
-  year      = {2022},
-  url       = {https://arxiv.org/abs/2205.12035}
-}"""
-SPLADE_CITATION = """@article{formal2021spladev2,
-  title   = {SPLADE v2: Sparse Lexical and Expansion Model for Information Retrieval},
-  author  = {Formal, Thibault and Lassance, Carlos and Piwowarski, Benjamin and Clinchant, St{\\'e}phane},
-  journal = {arXiv preprint arXiv:2109.10086},
-  year    = {2021},
-  url     = {https://arxiv.org/abs/2109.10086}
-}"""
 NAMED_SOURCES = ("base_model", "converted_from", "corpus")
 PRETRAINING_ROWS = {
     "base_model": "initial weights",
@@ -50,6 +36,7 @@ PRETRAINING_ROWS = {
     "objective": "objective",
     "bow_loss_weight": "bag-of-words loss weight",
     "max_length": "max length (tokens)",
+    "max_seq_length": "sentence-transformers max_seq_length (tokens)",
     "steps": "optimiser steps",
     "batch_size": "batch size per process",
     "processes": "processes",
@@ -103,7 +90,9 @@ def model_card(
         "pretraining_table": pretraining_table(pretraining),
         "evaluation_table": evaluation_table(evaluations, sparse),
         "training_evaluation": training_evaluation_section(pretraining.get("training_evaluation")),
-        "citation": f"{CITATION}\n\n{SPLADE_CITATION}" if sparse else CITATION,
+        "truncation_sentence": truncation_sentence(pretraining.get("max_seq_length")),
+        "fresh_head_warning": fresh_head_warning(pretraining) if sparse else "",
+        "citation": "\n\n".join(citations(pretraining.get("objective"), sparse)),
         "sparse": sparse,
         "model_type": encoder["model_type"],
         "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
@@ -190,6 +179,32 @@ def training_evaluation_section(evaluation: dict | None) -> str:
             "|---|---|---|",
             *rows,
         ]
+    )
+
+
+def truncation_sentence(max_seq_length: int | None) -> str:
+    """What the card says of where inputs are cut, and by which rule (docs/publishing.md); nothing where the record does not say."""
+    if not max_seq_length:
+        return ""
+    return (
+        f"sentence-transformers truncates inputs at {max_seq_length} tokens (`max_seq_length`): the longer of the "
+        "pre-training's max length and the starting model's own sentence-transformers `max_seq_length`, where it has "
+        "one, the lengths the encoder was trained to embed. Set `model.max_seq_length` to change it."
+    )
+
+
+def fresh_head_warning(pretraining: dict) -> str:
+    """
+    The sparse card's warning where the run started the MLM head afresh (a checkpoint without one, or
+    `--config`): the term weights are then the work of this run's steps alone, noise after a short run.
+    """
+    if not pretraining.get("fresh_head"):
+        return ""
+    return (
+        f"**Its MLM head was trained by one pre-training run alone** ({pretraining.get('steps', 'a few')} steps): the "
+        "run started from a model without one, so the head, and with it every term weight, began at random. After a "
+        "short run the weights are noise, with nearly every vocabulary entry active; pre-train longer, or start from "
+        "a checkpoint with an MLM head, before using it."
     )
 
 

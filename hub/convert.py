@@ -115,10 +115,14 @@ def model_tokenizer(source: str, vocab_size: int):
 def check_model_type(source: str) -> str:
     """The source's model type, if it is a supported family or a RetroMAE checkpoint."""
     check_exists("SRC", source, ReleaseError)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ReleaseError(f"SRC {source}: not a model checkpoint (the folder has no config.json).")
     try:
         model_type = folder_model_type(source)
     except (OSError, ValueError) as error:
         raise ReleaseError(f"{source} is not a model folder or a Hub model id ({error}).") from None
+    if not model_type:
+        raise ReleaseError(f"SRC {source}: not a model checkpoint (its config.json names no model_type).")
     if model_type not in ACCEPTED:
         raise ReleaseError(f"{source} holds a {model_type!r} model; expected one of {', '.join(ACCEPTED)}.")
     return model_type

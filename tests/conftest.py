@@ -35,6 +35,8 @@ TEXTS = [
     "short text",
     "Dense retrieval maps queries and passages into the same vector space.",
 ]
+# The pre-training corpus of tiny runs: 48 records, each of TEXTS eight times with its number.
+CORPUS = [f"{text} Passage number {i} repeats it with a twist of words." for i in range(8) for text in TEXTS]
 # Text the bert-base-uncased vocabulary cannot spell, in part or whole: emoji, a 120-character path, a 300-character "word".
 UNKNOWN_TEXTS = [
     "😀🎉🔥 🚀",
@@ -96,6 +98,14 @@ def tiny_config(tokenizer) -> RetroMAEConfig:
 @pytest.fixture
 def batch(tokenizer):
     return RetroMAECollator(tokenizer, max_length=64, seed=0)(TEXTS)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """CORPUS as a text file, a record per line, ending in a blank line."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS) + "\n\n")
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -1,14 +1,19 @@
-"""Tiny random checkpoints of seven masked-LM families, built offline.
+"""Tiny random checkpoints of every masked-LM family of `ENCODER_FAMILIES`, built offline, and of MPNet, a family outside it.
 
 Each family gets a tokenizer of its own kind (WordPiece, byte-level BPE or SentencePiece-style Unigram),
 trained by the `tokenizers` library on `CORPUS` and wrapped in the transformers class that the family's
 real checkpoints load as, and a 2-layer, 32-wide random model saved with the family's own class. The
 tests use them to run the code on every architecture without the Hub.
 
-It must not import `retromae`: subprocesses that load checkpoints without `retromae` use it too.
+What differs between the families is one table, `TINY_FAMILIES`, as in the package; `FAMILIES` are its model
+types, which tests/test_families.py holds equal to `ENCODER_FAMILIES`. It must not import `retromae`: subprocesses
+that load checkpoints without `retromae` use it too.
 """
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from transformers import (
     BertTokenizer,
     DebertaV2Tokenizer,
     DistilBertTokenizer,
+    MPNetTokenizer,
     PreTrainedConfig,
     PreTrainedTokenizerBase,
     RobertaTokenizer,
@@ -29,8 +35,6 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 
-
-FAMILIES = ("bert", "roberta", "xlm-roberta", "modernbert", "deberta-v2", "distilbert", "electra")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -88,8 +92,8 @@ CORPUS = [
 VOCAB_SIZE = 400  # Of every tokenizer, special tokens included.
 MAX_LENGTH = 128  # Usable positions of every tiny model, and the tokenizers' model_max_length.
 
-# Each family's special tokens by role, in id order from 0 (in the real checkpoints' relative order). A
-# token with several roles (RoBERTa's <s> is bos and cls) has one id.
+# Special tokens by role that several families share (`TinyFamily.specials`). A token with several roles
+# (RoBERTa's <s> is bos and cls) has one id.
 _WORDPIECE_SPECIALS = {
     "pad_token": "[PAD]",
     "unk_token": "[UNK]",
@@ -106,36 +110,10 @@ _ROBERTA_SPECIALS = {
     "unk_token": "<unk>",
     "mask_token": "<mask>",
 }
-_SPECIALS = {
-    "bert": _WORDPIECE_SPECIALS,
-    "distilbert": _WORDPIECE_SPECIALS,
-    "electra": _WORDPIECE_SPECIALS,
-    "roberta": _ROBERTA_SPECIALS,
-    "xlm-roberta": _ROBERTA_SPECIALS,
-    # ModernBERT's configs give bos/eos the ids of [CLS]/[SEP]; DeBERTa-v2's tokenizer names them so.
-    "modernbert": {
-        "unk_token": "[UNK]",
-        "cls_token": "[CLS]",
-        "bos_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "eos_token": "[SEP]",
-        "pad_token": "[PAD]",
-        "mask_token": "[MASK]",
-    },
-    "deberta-v2": {
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "bos_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "eos_token": "[SEP]",
-        "unk_token": "[UNK]",
-        "mask_token": "[MASK]",
-    },
-}
 
 
 def _tokens(specials: dict[str, str]) -> list[str]:
-    """The special tokens of a `_SPECIALS` entry, in id order."""
+    """The special tokens of a family's `specials`, in id order."""
     return list(dict.fromkeys(specials.values()))
 
 
@@ -246,86 +224,70 @@ def _modernbert(specials: dict[str, str]) -> PreTrainedTokenizerBase:
     return TokenizersBackend(tokenizer_object=backend, **specials)
 
 
-def build_tokenizer(family: str, folder: Path) -> PreTrainedTokenizerBase:
-    """Train a tokenizer of the family's kind on CORPUS, save it to `folder` and return it.
+# What a tiny model of every family is made of: a 2-layer, 32-wide, 4-head configuration without dropout, for
+# 128-token inputs, and its own kind of tokenizer.
+_BERT_LIKE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "max_position_embeddings": MAX_LENGTH,
+}
 
-    Training is deterministic, so a family always gets the same vocabulary. Its special tokens take the
-    first ids, in the order of `_SPECIALS`, which `tiny_config` relies on.
+
+@dataclass(frozen=True)
+class TinyFamily:
     """
-    specials = _SPECIALS[family]
-    if family in ("bert", "electra"):
-        tokenizer = _wordpiece(BertTokenizer, specials)
-    elif family == "distilbert":  # DistilBERT's tokenizer returns no token_type_ids.
-        tokenizer = _wordpiece(DistilBertTokenizer, specials)
-    elif family == "roberta":
-        tokenizer = _roberta(specials)
-    elif family == "xlm-roberta":
-        tokenizer = _unigram(XLMRobertaTokenizer, specials)
-    elif family == "deberta-v2":
-        tokenizer = _unigram(DebertaV2Tokenizer, specials)
-    elif family == "modernbert":
-        tokenizer = _modernbert(specials)
-    else:
-        raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
-    tokenizer.model_max_length = MAX_LENGTH
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+    How the tests make a family's tiny checkpoint, and what they expect of it.
 
-
-def tiny_config(family: str, vocab_size: int, **overrides) -> PreTrainedConfig:
-    """A 2-layer, 32-wide, 4-head configuration of the family, without dropout, for 128-token inputs.
-
-    Its special token ids (pad, bos, eos, cls, sep, where the configuration has such fields) are those of
-    `build_tokenizer`'s tokenizer. `overrides` are passed to the configuration last.
+    Args:
+        specials: its special tokens by role, in id order from 0 (in the real checkpoints' relative order).
+        tokenizer: trains a tokenizer of the family's kind on CORPUS, given `specials`.
+        word_pieces: the tokenizer's kind of word boundaries: "continuations" (WordPiece's `##`), or "word starts"
+            (byte-level BPE's `Ġ`, SentencePiece's `▁`), where words run between spaces.
+        layer: the layer its base model repeats, which FSDP shards one by one.
+        config: the configuration's fields, besides the vocabulary size and the special tokens' ids.
+        rotary: whether it has no absolute position table, so that RetroMAE's decoder rotates its queries and keys.
     """
-    config_class = CONFIG_MAPPING[family]
-    specials = _tokens(_SPECIALS[family])
-    token_ids = {
-        f"{role}_id": specials.index(token)
-        for role, token in _SPECIALS[family].items()
-        if hasattr(config_class, f"{role}_id")
-    }
-    bert_like = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "max_position_embeddings": MAX_LENGTH,
-    }
-    if family == "bert":
-        kwargs = bert_like
-    elif family in ("roberta", "xlm-roberta"):  # Positions are counted from padding_idx + 1.
-        kwargs = {**bert_like, "max_position_embeddings": MAX_LENGTH + token_ids["pad_token_id"] + 1}
-    elif family == "electra":
-        kwargs = {**bert_like, "embedding_size": 32, "summary_last_dropout": 0.0}
-    elif family == "deberta-v2":  # As DeBERTa-v3.
-        kwargs = {
-            **bert_like,
-            "relative_attention": True,
-            "position_buckets": 64,
-            "position_biased_input": False,
-            "pos_att_type": ["p2c", "c2p"],
-            "type_vocab_size": 0,
-            "norm_rel_ebd": "layer_norm",
-            "share_att_key": True,
-            "pooler_dropout": 0.0,
-        }
-    elif family == "distilbert":
-        kwargs = {
-            "dim": 32,
-            "n_layers": 2,
-            "n_heads": 4,
-            "hidden_dim": 64,
-            "dropout": 0.0,
-            "attention_dropout": 0.0,
-            "qa_dropout": 0.0,
-            "seq_classif_dropout": 0.0,
-            "max_position_embeddings": MAX_LENGTH,
-        }
-    elif family == "modernbert":  # Layer 0 attends globally, layer 1 within a 16-token window.
-        kwargs = {
+
+    specials: dict[str, str]
+    tokenizer: Callable[[dict[str, str]], PreTrainedTokenizerBase]
+    word_pieces: str
+    layer: str
+    config: dict
+    rotary: bool = False
+
+
+TINY_FAMILIES = {
+    "bert": TinyFamily(_WORDPIECE_SPECIALS, partial(_wordpiece, BertTokenizer), "continuations", "BertLayer", _BERT_LIKE),
+    # RoBERTa and XLM-RoBERTa number positions from padding_idx + 1, <pad> being 1.
+    "roberta": TinyFamily(
+        _ROBERTA_SPECIALS, _roberta, "word starts", "RobertaLayer", {**_BERT_LIKE, "max_position_embeddings": MAX_LENGTH + 2}
+    ),
+    "xlm-roberta": TinyFamily(
+        _ROBERTA_SPECIALS,
+        partial(_unigram, XLMRobertaTokenizer),
+        "word starts",
+        "XLMRobertaLayer",
+        {**_BERT_LIKE, "max_position_embeddings": MAX_LENGTH + 2},
+    ),
+    # ModernBERT's configs give bos/eos the ids of [CLS]/[SEP]. Layer 0 attends globally, layer 1 within a 16-token window.
+    "modernbert": TinyFamily(
+        {
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "bos_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "eos_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "mask_token": "[MASK]",
+        },
+        _modernbert,
+        "word starts",
+        "ModernBertEncoderLayer",
+        {
             "hidden_size": 32,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
@@ -337,10 +299,108 @@ def tiny_config(family: str, vocab_size: int, **overrides) -> PreTrainedConfig:
             "embedding_dropout": 0.0,
             "mlp_dropout": 0.0,
             "classifier_dropout": 0.0,
-        }
-    else:
-        raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
-    return config_class(**{"vocab_size": vocab_size, **kwargs, **token_ids, **overrides})
+        },
+        rotary=True,
+    ),
+    # As DeBERTa-v3, whose tokenizer names bos/eos [CLS]/[SEP].
+    "deberta-v2": TinyFamily(
+        {
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "bos_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "eos_token": "[SEP]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        },
+        partial(_unigram, DebertaV2Tokenizer),
+        "word starts",
+        "DebertaV2Layer",
+        {
+            **_BERT_LIKE,
+            "relative_attention": True,
+            "position_buckets": 64,
+            "position_biased_input": False,
+            "pos_att_type": ["p2c", "c2p"],
+            "type_vocab_size": 0,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "pooler_dropout": 0.0,
+        },
+        rotary=True,
+    ),
+    # DistilBERT's tokenizer returns no token_type_ids.
+    "distilbert": TinyFamily(
+        _WORDPIECE_SPECIALS,
+        partial(_wordpiece, DistilBertTokenizer),
+        "continuations",
+        "TransformerBlock",
+        {
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "hidden_dim": 64,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "qa_dropout": 0.0,
+            "seq_classif_dropout": 0.0,
+            "max_position_embeddings": MAX_LENGTH,
+        },
+    ),
+    "electra": TinyFamily(
+        _WORDPIECE_SPECIALS,
+        partial(_wordpiece, BertTokenizer),
+        "continuations",
+        "ElectraLayer",
+        {**_BERT_LIKE, "embedding_size": 32, "summary_last_dropout": 0.0},
+    ),
+}
+FAMILIES = tuple(TINY_FAMILIES)
+
+# A masked-LM family outside `ENCODER_FAMILIES`, which docs/families.md adds with `register_family`. Its
+# embeddings number positions from padding_idx + 1 = 2, whatever the config says (<pad> is 1 here too).
+UNLISTED_FAMILIES = {
+    "mpnet": TinyFamily(
+        _ROBERTA_SPECIALS | {"unk_token": "[UNK]"},
+        partial(_wordpiece, MPNetTokenizer),
+        "continuations",
+        "MPNetLayer",
+        {**_BERT_LIKE, "max_position_embeddings": MAX_LENGTH + 2},
+    ),
+}
+
+
+def tiny_family(family: str) -> TinyFamily:
+    """The row of `TINY_FAMILIES` (or `UNLISTED_FAMILIES`) of `family`."""
+    rows = TINY_FAMILIES | UNLISTED_FAMILIES
+    if family not in rows:
+        raise ValueError(f"unknown family {family!r}, expected one of {tuple(rows)}")
+    return rows[family]
+
+
+def build_tokenizer(family: str, folder: Path) -> PreTrainedTokenizerBase:
+    """Train a tokenizer of the family's kind on CORPUS, save it to `folder` and return it.
+
+    Training is deterministic, so a family always gets the same vocabulary. Its special tokens take the
+    first ids, in the order of its `specials`, which `tiny_config` relies on.
+    """
+    row = tiny_family(family)
+    tokenizer = row.tokenizer(row.specials)
+    tokenizer.model_max_length = MAX_LENGTH
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_config(family: str, vocab_size: int, **overrides) -> PreTrainedConfig:
+    """The family's tiny configuration (`TinyFamily.config`), for a vocabulary of `vocab_size`.
+
+    Its special token ids (pad, bos, eos, cls, sep, where the configuration has such fields) are those of
+    `build_tokenizer`'s tokenizer. `overrides` are passed to the configuration last.
+    """
+    config_class, row = CONFIG_MAPPING[family], tiny_family(family)
+    specials = _tokens(row.specials)
+    token_ids = {f"{role}_id": specials.index(token) for role, token in row.specials.items() if hasattr(config_class, f"{role}_id")}
+    return config_class(**{"vocab_size": vocab_size, **row.config, **token_ids, **overrides})
 
 
 def build_checkpoint(family: str, folder: Path, layout: str = "masked_lm", seed: int = 0) -> Path:

@@ -19,18 +19,11 @@ from safetensors.torch import load_file
 
 from retromae.cli import main
 
-from conftest import TEXTS
+from conftest import CORPUS, TEXTS
+from helpers import evaluation_record, resolved_settings, tiny_pretrain, write_corpus
 
 
 HERE = Path(__file__).parent
-CORPUS = [f"{text} Passage number {i} repeats it with a twist of words." for i in range(8) for text in TEXTS]
-
-
-def tiny_pretrain(corpus, output_dir, *extra):
-    return ["pretrain", "--config", "tiny", "--train-data", str(corpus), "--output-dir", str(output_dir), "--max-length", "32",
-            "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--seed", "3", *extra]
-
-
 def snapshot(path: Path) -> dict[str, str]:
     """Every file under `path` (or `path` itself) with a digest of its bytes."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -41,8 +34,7 @@ def snapshot(path: Path) -> dict[str, str]:
 def world(tmp_path_factory):
     """A finished tiny run (its release is a real model folder), the user's precious files, and broken inputs."""
     root = tmp_path_factory.mktemp("world")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n")
+    corpus = write_corpus(root / "corpus.txt")
     assert main(tiny_pretrain(corpus, root / "run")) == 0
     model = root / "run" / "model"
     keep = root / "keep"
@@ -75,6 +67,13 @@ def world(tmp_path_factory):
     shutil.copy(model / "tokenizer_config.json", only_config)
     (root / "emoji.txt").write_text("😀🎉🔥 🚀\n🚀🚀 😀\n" * 20)
     (root / "fsdp-version-string.json").write_text('{"version": "2"}')
+    assert main(["convert", "--sparse", str(model), str(root / "sparse")]) == 0  # a RetroMAE run's release has the MLM head SPLADE needs
+    (root / "empty").mkdir()
+    (root / "evaluated").mkdir()
+    write_jsonl(root / "evaluated" / "metrics.jsonl", [evaluation_record(0), evaluation_record(2)])
+    (root / "evaluated" / "training_curves.png").write_bytes(b"the user's picture")
+    (root / "other-shape").mkdir()
+    (root / "other-shape" / "metrics.jsonl").write_text('\n{"loss": 1.5}\n{"step": 4, "passages"\n')
     beir(root / "beir", {})
     beir(root / "null-title", {"d1": {"title": None}})
     beir(root / "duplicate-id", {"d1": {"_id": "d0"}})
@@ -170,7 +169,7 @@ def cases(world) -> dict[str, tuple[list[str], str, list[Path]]]:
             [*tiny_pretrain(corpus, run, "--resume"), "--max-steps", "4", "--max-length", "64"], "has max_length 32, which defines it", [run]),
         "pretrain --resume with another encoder mask ratio": (
             [*tiny_pretrain(corpus, run, "--resume"), "--max-steps", "4", "--encoder-mask-ratio", "0.15"], "has encoder_mask_ratio 0.3", [run]),
-        "pretrain --bow-loss-weight inf": ([*pretrain, "--objective", "dupmae", "--bow-loss-weight", "inf"], "--bow-loss-weight: must be a finite number", []),
+        "pretrain --bow-loss-weight inf": ([*pretrain, "--objective", "dupmae", "--bow-loss-weight", "inf"], "--bow-loss-weight must be a finite number of at least 0, got inf", []),
         "pretrain --learning-rate nan": ([*pretrain, "--learning-rate", "nan"], "--learning-rate: must be a finite number", []),
         "pretrain --eval-steps without held-out passages": ([*pretrain, "--eval-steps", "5"], "--eval-steps needs held-out passages", []),
         "pretrain an FSDP version given as a string": (
@@ -195,6 +194,23 @@ def cases(world) -> dict[str, tuple[list[str], str, list[Path]]]:
             [*finetune[:4], str(root / "dict-negatives.jsonl"), *finetune[5:]], "dict-negatives.jsonl:1: 'negatives' must be a list of texts, got dict", []),
         "finetune a null query": ([*finetune[:4], str(root / "null-query.jsonl"), *finetune[5:]], "null-query.jsonl:2 needs non-empty 'query'", []),
         "finetune JSON lines that are not UTF-8": ([*finetune[:4], str(root / "latin1.jsonl"), *finetune[5:]], "latin1.jsonl:2 is not UTF-8 text", []),
+        "plot over a picture that exists": (["plot", str(root / "evaluated")], "training_curves.png exists: pass --overwrite", [root / "evaluated"]),
+        "plot --output in a format that is no picture": (
+            ["plot", str(root / "evaluated"), "--output", str(root / "curves.txt")], "the name must end in the picture's format", []),
+        "plot records of another shape": (
+            ["plot", str(root / "other-shape"), "--output", str(root / "curves.png")], "metrics.jsonl:2 is not an evaluation record (it has no number 'step'", []),
+        "evaluate --hybrid with a sparse model as the dense one": (
+            ["evaluate", "--hybrid", str(root / "sparse"), str(root / "sparse"), *evaluate[2:]], f"DENSE {root / 'sparse'} is not a dense model: it is a sparse", []),
+        "evaluate --hybrid with a dense model as the sparse one": (
+            ["evaluate", "--hybrid", str(model), str(model), *evaluate[2:]], f"SPARSE {model} is not a sparse (SPLADE) model: it is a dense one", []),
+        "convert an empty folder": (["convert", str(root / "empty"), str(root / "out")], "not a model checkpoint (the folder has no config.json)", []),
+        "finetune --sparse on a dense model": (
+            [*finetune, "--sparse"], "has no MLM head, so convert the one it was fine-tuned from", []),
+        "plan --gpu-memory inf": (
+            ["plan", "--model", "tiny", "--max-length", "128", "--batch-size", "4", "--gpu-memory", "inf"], "--gpu-memory: must be a finite number", []),
+        "plan a length beyond the model's positions": (
+            ["plan", "--model", "tiny", "--max-length", "1000000000", "--batch-size", "4", "--gpu-memory", "40"],
+            "--max-length 1000000000 exceeds the 512 tokens the model's positions allow", []),
         "evaluate a null title": (["evaluate", str(model), str(root / "null-title"), "--output", str(root / "m.json")], "corpus.jsonl:2: 'title' must be a string", []),
         "evaluate a duplicate _id": (["evaluate", str(model), str(root / "duplicate-id"), "--output", str(root / "m.json")], "corpus.jsonl:2: '_id' 'd0' repeats line 1", []),
     }
@@ -244,7 +260,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
     locked.mkdir()
     writable = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and writable(path, mode))
-    monkeypatch.setattr("retromae.pretrain.build_model_and_tokenizer", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("retromae.pretraining.build_model_and_tokenizer", lambda settings: pytest.fail("the model was loaded"))
     assert main(tiny_pretrain(world["corpus"], locked / "run")) == 2
     assert f"{locked} is not writable" in capsys.readouterr().err
 
@@ -331,10 +347,5 @@ def test_a_resumed_dupmae_run_stays_dupmae_and_a_missing_sparse_model_is_found(w
 
 
 def test_a_bag_of_words_weight_that_dwarfs_the_other_losses_is_warned_of(world, tmp_path):
-    from retromae import pretrain
-    from retromae.cli import build_parser
-
-    args = build_parser().parse_args([*tiny_pretrain(world["corpus"], tmp_path / "run"), "--objective", "dupmae", "--bow-loss-weight", "1e30"])
-    pretrain.resolve_defaults(args)
     with pytest.warns(UserWarning, match="--bow-loss-weight 1e\\+30: the bag-of-words loss"):
-        pretrain.check_arguments(args)
+        resolved_settings([*tiny_pretrain(world["corpus"], tmp_path / "run"), "--objective", "dupmae", "--bow-loss-weight", "1e30"])

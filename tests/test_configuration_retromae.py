@@ -6,8 +6,8 @@ import json
 import pytest
 from transformers import AutoConfig, BertConfig, ElectraConfig, ModernBertConfig, RobertaConfig
 
-from retromae import RetroMAECollator, RetroMAEConfig, RetroMAELoss
-from retromae.cli import build_parser
+from retromae import PretrainingSettings, RetroMAECollator, RetroMAEConfig, RetroMAELoss
+from retromae.settings import resolved
 from retromae.configuration_retromae import SETTING_RULES
 
 
@@ -51,7 +51,7 @@ def test_auto_map_points_every_auto_class_at_the_remote_code():
         ({"decoder_mask_patterns": 0}, "decoder_mask_patterns must be at least 1, got 0"),
         ({"hidden_size": 100, "num_attention_heads": 3}, r"hidden_size \(100\) must be divisible by num_attention_heads \(3\)"),
         ({"objective": "retromae3"}, "objective must be one of retromae, dupmae, got 'retromae3'"),
-        ({"objective": "dupmae", "bow_loss_weight": -0.1}, "bow_loss_weight must be at least 0, got -0.1"),
+        ({"objective": "dupmae", "bow_loss_weight": -0.1}, "bow_loss_weight must be a finite number of at least 0, got -0.1"),
         ({"objective": "dupmae", "enhanced_decoding": False}, "objective='dupmae' needs enhanced_decoding=True"),
     ],
 )
@@ -91,12 +91,12 @@ def test_text_config_is_the_encoders(encoder):
 
 
 def test_the_collator_the_loss_and_the_cli_take_their_defaults_from_the_config():
-    """One home for RetroMAE's settings: a default changed in RetroMAEConfig changes everywhere."""
+    """One home for RetroMAE's settings: a default changed in RetroMAEConfig changes everywhere (a run fills its settings from it)."""
     config = RetroMAEConfig()
     for callable_ in (RetroMAECollator.__init__, RetroMAELoss.__init__):
         defaults = {name: parameter.default for name, parameter in inspect.signature(callable_).parameters.items() if name in SETTING_RULES or name == "enhanced_decoding"}
         assert defaults and defaults == {name: getattr(config, name) for name in defaults}
-    arguments = build_parser().parse_args(["pretrain"])
-    assert {name: getattr(arguments, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "decoder_mask_patterns", "enhanced_decoding")} == {
+    settings = resolved(PretrainingSettings())
+    assert {name: getattr(settings, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "decoder_mask_patterns", "enhanced_decoding")} == {
         name: getattr(config, name) for name in ("encoder_mask_ratio", "decoder_mask_ratio", "decoder_mask_patterns", "enhanced_decoding")
     }

@@ -16,14 +16,15 @@ import pytest
 import zstandard
 
 from retromae import corpus as corpus_module
-from retromae import pretrain
-from retromae.cli import build_parser, main
-from retromae.corpus import load_corpus, resolve_corpus, skipped_records
+from retromae.cli import main
+from retromae.corpus import CorpusCounts, load_corpus, resolve_corpus
 from retromae.data import CorpusError
 from retromae.collator import special_token_ids
-from retromae.passages import PassageSplitter, empty_passages, unknown_passages
+from retromae.passages import PassageSplitter
+from retromae.run_passages import training_passages
 
 from conftest import TEXTS, UNKNOWN_TEXTS
+from helpers import resolved_settings
 
 
 RECORDS = [f"{text} Record {i}." for i in range(4) for text in TEXTS]
@@ -145,8 +146,9 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, case, streaming):
 def test_skip_bad_records_counts_and_skips_them(tmp_path, case, streaming):
     name, content, _ = BAD[case]
     (tmp_path / name).write_bytes(content)
-    texts = [record["text"] for record in load_corpus(resolve_corpus(str(tmp_path / name)), streaming=streaming, skip_bad_records=True)]
-    assert skipped_records() == 1
+    counts = CorpusCounts()
+    texts = [record["text"] for record in load_corpus(resolve_corpus(str(tmp_path / name)), streaming=streaming, skip_bad_records=True, counts=counts)]
+    assert counts["skipped"] == 1
     assert len(texts) == content.count(b"\n") - 1 and all(text in ("fine line", "another fine line", "ok") for text in texts)
 
 
@@ -289,15 +291,15 @@ WEB_LINES[2:2], WEB_LINES[9:9], WEB_LINES[13:13] = [NO_TEXT[0]], [NO_TEXT[1]], [
     "path", [["--max-steps", "-1"], [], ["--streaming"]], ids=["cut before training", "cut as read", "streamed"]
 )
 def test_passages_with_no_text_are_left_out_and_all_unknown_ones_kept_and_counted(tmp_path, tokenizer, path, passages):
-    args = build_parser().parse_args(tiny_run(write_lines(tmp_path / "web.txt", WEB_LINES), tmp_path / "run", "--passages", passages, *path))
-    pretrain.resolve_defaults(args)
-    dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data), tokenizer)
+    settings = resolved_settings(tiny_run(write_lines(tmp_path / "web.txt", WEB_LINES), tmp_path / "run", "--passages", passages, *path))
+    counts = CorpusCounts()
+    dataset, _ = training_passages(settings, resolve_corpus(settings.train_data), tokenizer, counts)
     trained = [example["input_ids"] for example in dataset]  # one pass
     special = set(special_token_ids(tokenizer))
     assert len(trained) == len(WEB_LINES) - len(NO_TEXT)
     assert all(any(i not in special for i in ids) for ids in trained)
     assert sum(set(ids) == {tokenizer.unk_token_id} for ids in trained) == len(WEB_LINES) // 8
-    assert empty_passages() == len(NO_TEXT) and unknown_passages() == len(WEB_LINES) // 8
+    assert counts["empty"] == len(NO_TEXT) and counts["unknown"] == len(WEB_LINES) // 8
 
 
 def test_a_corpus_with_emoji_lines_trains_to_the_end_and_reports_them(tmp_path):

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, BertModel, BertTokenizerFast, TrainerCallback
 
-from retromae import RetroMAECollator, RetroMAEForPreTraining, diagnostics, pretrain
-from retromae.cli import build_parser, main
-from retromae.diagnostics import HeldOutSet, evaluate_held_out, span_retrieval
+from retromae import PretrainingSettings, RetroMAECollator, RetroMAEForPreTraining, diagnostics, run_passages
+from retromae.cli import main
+from retromae.diagnostics import evaluate_held_out, span_retrieval
+from retromae.run_passages import HeldOutSet
 from retromae.hub import release
 
 from conftest import tiny_retromae_config
-from test_pretrain import CrashAfter, tiny_run
+from helpers import CrashAfter, evaluation_record, resolved_settings, run_pretraining, tiny_run
 
 
 WORDS = (
@@ -63,12 +64,11 @@ def resumed_run(corpus, tmp_path_factory):
     """
     output_dir = tmp_path_factory.mktemp("resumed") / "run"
     arguments = tiny_run(corpus, output_dir, "--eval-data", str(corpus), "--eval-size", "16", "--eval-steps", "1", "--save-steps", "2", "--max-steps", "4")
-    parser = build_parser()
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(parser.parse_args(arguments), callbacks=[CrashAfter(3)])
+        run_pretraining(arguments, callbacks=[CrashAfter(3)])
     before = diagnostics.MetricsFile(output_dir).records()
     recorder = LogRecorder()
-    pretrain.run(parser.parse_args([*arguments, "--resume"]), callbacks=[recorder])
+    run_pretraining([*arguments, "--resume"], callbacks=[recorder])
     return output_dir, before, recorder.logs
 
 
@@ -220,13 +220,13 @@ def test_the_derangement_never_gives_a_passage_its_own_embedding(held_out):
 
 
 def test_eval_split_holds_records_out_of_training(tokenizer):
-    args = build_parser().parse_args(["pretrain", "--eval-split", "0.3", "--seed", "5"])
+    settings = PretrainingSettings(eval_split=0.3, seed=5)
     dataset = datasets.Dataset.from_dict({"text": CORPUS})
-    trained = set(diagnostics.without_held_out(dataset, args)["text"])
-    held = {text for text in CORPUS if diagnostics.is_held_out(text, 0.3, 5)}
+    trained = set(run_passages.without_held_out(dataset, settings)["text"])
+    held = {text for text in CORPUS if run_passages.is_held_out(text, 0.3, 5)}
     assert trained.isdisjoint(held) and trained | held == set(CORPUS)
     assert 0.1 < len(held) / len(CORPUS) < 0.5
-    stream = diagnostics.without_held_out(dataset.to_iterable_dataset(), args)
+    stream = run_passages.without_held_out(dataset.to_iterable_dataset(), settings)
     assert {record["text"] for record in stream} == trained
 
 
@@ -235,14 +235,13 @@ def test_held_out_records_are_cut_into_passages_as_training_cuts_them(tmp_path, 
     record = " ".join(CORPUS)  # one long record: 40 sentences
     path = tmp_path / "held_out.txt"
     path.write_text(record + "\n")
-    args = build_parser().parse_args(["pretrain", "--config", "tiny", "--train-data", str(path), "--eval-data", str(path), "--passages", passages, "--max-length", "32"])
-    pretrain.resolve_defaults(args)
+    settings = resolved_settings(["pretrain", "--config", "tiny", "--train-data", str(path), "--eval-data", str(path), "--passages", passages, "--max-length", "32"])
     collator = RetroMAECollator(words_tokenizer, max_length=32, seed=0)
     if passages == "truncate":  # the record's first 30 tokens: one passage
         with pytest.raises(diagnostics.DiagnosticsError, match="gives 1 held-out passages; evaluation needs at least 16"):
-            diagnostics.held_out_set(args, None, words_tokenizer, collator)
+            run_passages.held_out_set(settings, None, words_tokenizer, collator)
         return
-    held_out = diagnostics.held_out_set(args, None, words_tokenizer, collator)
+    held_out = run_passages.held_out_set(settings, None, words_tokenizer, collator)
     lengths = [int(mask.sum()) - 2 for batch in held_out.batches for mask in batch["encoder_attention_mask"]]
     assert max(lengths) <= 30 and sum(lengths) == len(words_tokenizer(record, add_special_tokens=False)["input_ids"])
 
@@ -269,7 +268,7 @@ def test_a_nan_at_step_5_stops_the_run_keeps_checkpoint_4_and_releases_nothing(c
     assert "Step 5: the decoder loss is nan" in error and "Traceback" not in error
     assert f"{output_dir / 'checkpoint-4'} is the last good checkpoint" in error
     assert "--resume --learning-rate 5e-05" in error
-    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-2", "checkpoint-4", "retromae_run.json"]
 
     monkeypatch.setattr(RetroMAEForPreTraining, "forward", forward)
     assert main([*arguments, "--resume", "--learning-rate", "5e-05"]) == 0
@@ -328,6 +327,32 @@ def test_plot_without_evaluations_says_so(tmp_path, capsys, contents):
     error = capsys.readouterr().err
     assert f"{tmp_path / 'metrics.jsonl'} {'does not exist' if contents is None else 'is empty'}" in error
     assert "--eval-data or --eval-split" in error
+
+
+def test_plot_draws_the_valid_records_and_warns_of_each_bad_line(tmp_path, capsys):
+    lines = [json.dumps(evaluation_record(step)) for step in (0, 2, 4, 6)]
+    lines[1], lines[2] = lines[1][:40], json.dumps({"step": 4})  # a line cut short, and one of another shape
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as warned:
+        assert main(["plot", str(tmp_path)]) == 0
+    assert [str(warning.message).split(" (")[0] for warning in warned] == [
+        f"{tmp_path / 'metrics.jsonl'}:2 is not valid JSON", f"{tmp_path / 'metrics.jsonl'}:3 is not an evaluation record"
+    ]
+    assert "Drew 2 evaluations (steps 0 to 6)" in capsys.readouterr().out
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_replaces_a_picture_only_with_overwrite_and_writes_its_extension_s_format_into_a_missing_folder(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(evaluation_record(0)) + "\n")
+    picture = tmp_path / "training_curves.png"
+    picture.write_bytes(b"the user's picture")
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "training_curves.png exists: pass --overwrite" in capsys.readouterr().err and picture.read_bytes() == b"the user's picture"
+    assert main(["plot", str(tmp_path), "--overwrite"]) == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "new" / "curves.svg")]) == 0
+    assert b"<svg" in (tmp_path / "new" / "curves.svg").read_bytes()[:1000]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["curves.svg", "metrics.jsonl", "new", "training_curves.png"]
 
 
 @pytest.mark.parametrize("flag, value, message", [("--eval-size", "8", "must be at least 16, got 8"), ("--eval-steps", "0", "must be at least 1, got 0")])

@@ -13,7 +13,8 @@ right before a block adapts it to a test machine with no GPU and no network, one
 
 - `substitute OLD => NEW` replaces every OLD in the block (OLD must occur). NEW may name a stand-in for a Hub
   checkpoint, a tiny random checkpoint of that family saved with its tokenizer, with the positions of the real
-  one: `{bert}` (512), `{xlm-roberta}` (8,192 tokens, as BAAI/bge-m3-retromae), `{modernbert}` (8,192).
+  one: `{bert}` (512), `{xlm-roberta}` (8,192 tokens, as BAAI/bge-m3-retromae), `{modernbert}` (8,192), `{mpnet}` (512, as
+  microsoft/mpnet-base: a family outside `ENCODER_FAMILIES`, which docs/families.md registers).
 - `slow` runs the block only under `-m slow` (it runs its own processes for minutes: benchmarks, torchrun).
 - `not run: REASON` is for the README's install commands only; `.ci/run` runs them, which the test checks.
 - `checked by TESTFILE::TEST: REASON` is for launch commands that need several GPUs or nodes, or DeepSpeed (not in
@@ -49,7 +50,7 @@ SHOWN = {"text", "bibtex"}
 # Tools that load a checkpoint of a family without transformers. The card and the docs name one only once a test runs it.
 UNTESTED_TOOLS = ("text-embeddings-inference", "TEI", "vLLM", "Infinity", "ONNX", "OpenVINO", "optimum", "TensorRT", "llama.cpp")
 # The stand-ins for Hub checkpoints: a tiny random checkpoint of the family with its tokenizer, and its positions.
-STAND_INS = {"bert": 512, "xlm-roberta": 8194, "modernbert": 8192}
+STAND_INS = {"bert": 512, "xlm-roberta": 8194, "modernbert": 8192, "mpnet": 514}
 
 
 def blocks(page: Path) -> list[dict]:
@@ -248,3 +249,11 @@ def test_every_slow_test_is_listed_in_the_design_page():
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         for name in re.findall(r"@pytest\.mark\.slow\n(?:@.*\n)*def (\w+)", path.read_text()):
             assert f"tests/{path.name}::{name}" in design, f"docs/design.md does not list tests/{path.name}::{name}"
+
+
+def test_every_module_of_the_package_is_in_the_design_pages_table():
+    """docs/design.md says what each module owns: a new module is added to its table."""
+    table = (ROOT / "docs" / "design.md").read_text().split("## The tests")[0]
+    listed = set(re.findall(r"`([\w/.]+)`", table))
+    modules = [path.name for path in sorted(ROOT.glob("*.py"))]
+    assert "hub/" in listed and [name for name in modules if name not in listed] == []

@@ -13,15 +13,7 @@ from retromae import RetroMAEForMaskedLM
 from retromae.cli import main
 from retromae.evaluate import evaluate, load_beir
 
-
-def write_beir(folder, corpus, queries, qrels, split="test"):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in corpus.items()))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
-    (folder / "qrels").mkdir(exist_ok=True)
-    rows = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
-    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return folder
+from helpers import write_beir
 
 
 def angle_model(num_documents):

@@ -7,6 +7,7 @@ loss, whole-word masking for its tokenizer kind, and the decoder's position rule
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,19 +17,18 @@ from sentence_transformers import SentenceTransformer, SparseEncoder
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
 
-from retromae import RetroMAECollator, pretrain
+from retromae import ENCODER_FAMILIES, EncoderFamily, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining, loading, register_family
 from retromae.cli import build_parser, main
 from retromae.hub import convert, convert_sparse, release
 from retromae.model_folder import load_encoder
-from retromae.modeling_retromae import EnhancedDecodingMask
+from retromae.modeling_retromae import RELEASED_ENCODERS, EnhancedDecodingMask, row_problem
 
 from conftest import TEXTS, decoder_mask, write_legacy_checkpoint
-from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer
-from test_loading_routes import REPO_ID, load_every_route
-from test_pretrain import CrashAfter
+from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer, tiny_config, tiny_family
+from helpers import REPO_ID, CrashAfter, load_every_route, run_pretraining
 
 
-ROTARY_FAMILIES = ("modernbert", "deberta-v2")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -81,20 +81,22 @@ def test_pretraining_releases_a_checkpoint_of_the_family_that_loads_by_every_rou
         "AutoModel(trust_remote_code=True)": remote_model, "AutoModelForMaskedLM(trust_remote_code=True)": remote_masked_lm,
     }
     assert {route: routes[route]["class"] for route in expected_classes} == expected_classes
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer, encoder = AutoTokenizer.from_pretrained(model_dir), load_encoder(model_dir, with_mlm_head=False)
+    max_seq_length = json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"]  # where sentence-transformers truncates
     with torch.no_grad():
-        expected = load_encoder(model_dir, with_mlm_head=False)(**tokenizer(TEXTS, padding=True, return_tensors="pt")).sentence_embedding
+        expected = encoder(**tokenizer(TEXTS, padding=True, return_tensors="pt")).sentence_embedding
+        truncated = encoder(**tokenizer(TEXTS, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")).sentence_embedding
     for route, result in routes.items():
         if route != "AutoTokenizer":
-            torch.testing.assert_close(torch.tensor(result["embedding"]), expected, atol=1e-5, rtol=0, msg=route)
-        assert not any("to instantiate a model of type" in warning for warning in result["warnings"]), route
+            torch.testing.assert_close(torch.tensor(result["embedding"]), truncated if route == "SentenceTransformer" else expected, atol=1e-5, rtol=0, msg=route)
+        assert not any("to instantiate a model of type" in warning for warning in result["warnings"]), (route, result["warnings"])
 
 
 @pytest.mark.parametrize("layout", ["masked_lm", "base"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_checkpoint_weights_are_carried_over_and_only_the_new_parts_start_fresh(family, layout, checkpoints, capsys):
     checkpoint = checkpoints / (family if layout == "masked_lm" else f"{family}-base")
-    model = pretrain.load_base_model(str(checkpoint), "sdpa", {"encoder_mask_ratio": 0.2})
+    model = loading.load_base_model(str(checkpoint), "sdpa", {"encoder_mask_ratio": 0.2})
     said = capsys.readouterr().out
     assert model.config.encoder_mask_ratio == 0.2 and model.config.encoder.model_type == family
     source = AutoModelForMaskedLM.from_pretrained(checkpoint)
@@ -121,8 +123,89 @@ def test_a_decoder_only_model_is_refused_naming_the_families(corpus, tmp_path, c
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     assert main(family_run(tmp_path / "gpt2", corpus, tmp_path / "run")) == 2
     error = capsys.readouterr().err
-    assert "bert, roberta, xlm-roberta, modernbert, deberta-v2, distilbert, electra; a 'gpt2' model is not one of them" in error
+    assert f"{', '.join(ENCODER_FAMILIES)}; a 'gpt2' model is not one of them" in error
     assert "Traceback" not in error and not (tmp_path / "run").exists()
+
+
+def table_rows(page: str, header: str) -> dict[str, list[str]]:
+    """The families (`model_type`s in backquotes) that name the rows of the page's table under `header`, with the rows' other cells."""
+    text = (ROOT / page).read_text()
+    rows = {}
+    for line in text[text.index(header) :].split("\n\n")[0].splitlines()[2:]:
+        first, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        rows |= {family: cells for family in re.findall(r"`([\w-]+)`", first)}
+    return rows
+
+
+def test_the_tests_the_command_line_and_the_pages_list_the_families_of_encoder_families():
+    """One list of families: every other list is read from `ENCODER_FAMILIES`, or held equal to it here."""
+    assert FAMILIES == tuple(ENCODER_FAMILIES) == tuple(RELEASED_ENCODERS)
+    assert f"({', '.join(ENCODER_FAMILIES)})" in " ".join(build_parser().format_help().split())
+    readme = table_rows("README.md", "| `model_type` |")
+    assert list(readme) == list(ENCODER_FAMILIES)
+    assert all(readme[family][-1].startswith(f"`{RELEASED_ENCODERS[family][0].__name__}`") for family in FAMILIES)
+    units = table_rows("docs/scaling-engines.md", "| family (`model_type`) | unit |")
+    assert units == {family: [f"`{tiny_family(family).layer}`"] for family in FAMILIES}
+    kernels = {family: kernel_cells(loading.supported_attention(family)) for family in FAMILIES}
+    assert table_rows("docs/scaling.md", "| family (`model_type`) | sdpa |") == kernels
+
+
+def kernel_cells(supported: list[str]) -> list[str]:
+    """docs/scaling.md's cells for a family whose transformers model takes the `supported` attention kernels: sdpa, eager, flash, flex."""
+    flash_and_flex = ["yes" if kernel in supported else "refused" for kernel in ("flash_attention_2", "flex_attention")]
+    return ["yes" if "sdpa" in supported else "falls back to eager", "yes", *flash_and_flex]
+
+
+# MPNet, a masked-LM family outside the table, reads as RoBERTa does: its MLM head and its positions (from padding_idx + 1).
+MPNET = ENCODER_FAMILIES["roberta"]
+
+
+@pytest.fixture
+def mpnet_registered():
+    register_family("mpnet", MPNET)
+    yield
+    del ENCODER_FAMILIES["mpnet"], RELEASED_ENCODERS["mpnet"]
+
+
+def test_a_registered_family_releases_a_checkpoint_of_its_own_without_remote_code(mpnet_registered, tmp_path):
+    """The whole round, pre-training included, is docs/families.md's example, which tests/test_docs.py runs."""
+    model = RetroMAEForPreTraining(RetroMAEConfig(encoder=tiny_config("mpnet", 100)))
+    model.released_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "mpnet" and config["architectures"] == ["MPNetForMaskedLM"] and "auto_map" not in config
+    assert not list(tmp_path.glob("*.py"))
+    assert type(load_encoder(tmp_path, with_mlm_head=False)).__name__ == "RetroMAEMPNetModel"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_row_of_the_table_passes_the_check_that_registration_makes(family):
+    with torch.device("meta"):
+        masked_lm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(family))
+    assert row_problem(masked_lm, ENCODER_FAMILIES[family]) is None
+
+
+WRONG_HEAD = EncoderFamily(head_transform=MPNET.head_transform, head_output=lambda mlm: (mlm.lm_head.dense.weight, None), position_offset=MPNET.position_offset)
+MISSING_HEAD = EncoderFamily(head_transform=lambda mlm, states: mlm.cls(states), head_output=MPNET.head_output, position_offset=MPNET.position_offset)
+
+
+@pytest.mark.parametrize(
+    "model_type, row, missing",
+    [
+        ("gpt2", MPNET, "gpt2 is a decoder-only model, with no masked-LM class (AutoModelForMaskedLM)"),
+        ("bart", MPNET, "a bart model is an encoder-decoder"),
+        ("xlm", MPNET, "its base model has no embeddings module taking input_ids and inputs_embeds"),
+        ("roformer", MPNET, "its embeddings have no position table (position_embeddings) for position_offset"),
+        ("mpnet", WRONG_HEAD, "head_transform and head_output give scores of shape (2, 768) for 2 rows, not (2, vocab_size 30527)"),
+        ("mpnet", MISSING_HEAD, "its functions fail on a MPNetForMaskedLM (AttributeError: 'MPNetForMaskedLM' object has no attribute 'cls'"),
+        ("bert", MPNET, "'bert' is already a family of ENCODER_FAMILIES"),
+        ("a-model-type", MPNET, "transformers has no model type 'a-model-type'"),
+    ],
+)
+def test_a_bad_row_is_refused_naming_what_is_missing(model_type, row, missing):
+    families = dict(ENCODER_FAMILIES)
+    with pytest.raises(ValueError, match=re.escape(f"register_family({model_type!r}): {missing}")):
+        register_family(model_type, row)
+    assert ENCODER_FAMILIES == families
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,11 +226,10 @@ def test_a_killed_dupmae_run_of_every_family_resumes_to_the_same_weights(family,
 
 def assert_killed_run_resumes_to_the_same_weights(checkpoint: Path, corpus: Path, tmp_path: Path, *extra: str) -> None:
     """A run killed after step 3 and resumed from its checkpoint-2 ends with the weights of the run that was never killed."""
-    parser = build_parser()
-    pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "whole", "--max-steps", "4", *extra)))
+    run_pretraining(family_run(checkpoint, corpus, tmp_path / "whole", "--max-steps", "4", *extra))
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", *extra)), callbacks=[CrashAfter(3)])
-    pretrain.run(parser.parse_args(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", "--resume", *extra)))
+        run_pretraining(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", *extra), callbacks=[CrashAfter(3)])
+    run_pretraining(family_run(checkpoint, corpus, tmp_path / "killed", "--max-steps", "4", "--resume", *extra))
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-4", tmp_path / "killed" / "checkpoint-4")
 
 
@@ -160,24 +242,23 @@ def assert_same_checkpoint(expected_folder: Path, actual_folder: Path) -> None:
 
 def test_a_checkpoint_of_an_earlier_version_resumes_to_the_same_weights(tiny_config, tokenizer, corpus, tmp_path):
     """Earlier versions wrote BERT at the top level of checkpoint-N (`bert.`/`cls.` keys, flat config): resuming reads it."""
-    parser = build_parser()
     run = ["pretrain", "--config", "tiny", "--train-data", str(corpus), "--max-length", "32", "--batch-size", "4",
            "--max-steps", "4", "--save-steps", "2", "--seed", "3"]
-    pretrain.run(parser.parse_args(run + ["--output-dir", str(tmp_path / "whole")]))
+    run_pretraining(run + ["--output-dir", str(tmp_path / "whole")])
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(parser.parse_args(run + ["--output-dir", str(tmp_path / "old")]), callbacks=[CrashAfter(3)])
+        run_pretraining(run + ["--output-dir", str(tmp_path / "old")], callbacks=[CrashAfter(3)])
     checkpoint = tmp_path / "old" / "checkpoint-2"
-    model = pretrain.RetroMAEForPreTraining.from_pretrained(checkpoint)
+    model = RetroMAEForPreTraining.from_pretrained(checkpoint)
     os.remove(checkpoint / "model.safetensors")
     write_legacy_checkpoint(model, checkpoint)
     assert "bert.embeddings.word_embeddings.weight" in load_file(checkpoint / "model.safetensors")
-    pretrain.run(parser.parse_args(run + ["--output-dir", str(tmp_path / "old"), "--resume"]))
+    run_pretraining(run + ["--output-dir", str(tmp_path / "old"), "--resume"])
     assert_same_checkpoint(tmp_path / "whole" / "checkpoint-4", tmp_path / "old" / "checkpoint-4")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_loss_falls_over_a_few_steps_on_a_repeated_batch(family, checkpoints):
-    model = pretrain.load_base_model(str(checkpoints / family), "sdpa", {}).train()
+    model = loading.load_base_model(str(checkpoints / family), "sdpa", {}).train()
     batch = RetroMAECollator(build_tokenizer(family, checkpoints / "tokenizer" / family), max_length=32, seed=0)(CORPUS[:8])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -192,7 +273,7 @@ def test_the_loss_falls_over_a_few_steps_on_a_repeated_batch(family, checkpoints
 
 @pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
 def test_roberta_query_stream_numbers_positions_from_padding_idx_plus_one(family, checkpoints):
-    model = pretrain.load_base_model(str(checkpoints / family), "sdpa", {}).eval()
+    model = loading.load_base_model(str(checkpoints / family), "sdpa", {}).eval()
     h_x = torch.randn(2, model.config.encoder.hidden_size)
     first = model.config.encoder.pad_token_id + 1
     table = model.encoder.base_model.embeddings.position_embeddings.weight
@@ -202,8 +283,8 @@ def test_roberta_query_stream_numbers_positions_from_padding_idx_plus_one(family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_row_never_sees_its_own_token(family, checkpoints):
     """Changing token i changes what other rows rebuild, never row i itself (rotary decoders included)."""
-    model = pretrain.load_base_model(str(checkpoints / family), "eager" if family == "deberta-v2" else "sdpa", {}).eval()
-    assert model.family.rotary == (family in ROTARY_FAMILIES)
+    model = loading.load_base_model(str(checkpoints / family), "sdpa" if "sdpa" in loading.supported_attention(family) else "eager", {}).eval()
+    assert model.family.rotary == tiny_family(family).rotary
     batch = RetroMAECollator(build_tokenizer(family, checkpoints / "tokenizer" / family), max_length=32, seed=0)(CORPUS[:2])
     h_x = torch.randn(2, model.config.encoder.hidden_size)
     ids, mask = batch["decoder_input_ids"], EnhancedDecodingMask.from_batch(batch)
@@ -228,7 +309,7 @@ def test_masked_spans_are_whole_words_for_every_tokenizer_kind(family, tmp_path)
         for row in range(len(CORPUS)):
             chosen = (batch["encoder_labels"][row] != -100).tolist()
             hidden = ~decoder_mask(batch)[row]  # (seq, seq)
-            for span in word_spans(encoded, row, CORPUS[row], between_spaces=family not in ("bert", "distilbert", "electra")):
+            for span in word_spans(encoded, row, CORPUS[row], between_spaces=tiny_family(family).word_pieces == "word starts"):
                 multi_token_words += len(span) > 1
                 assert len({chosen[i] for i in span}) == 1, (family, row, span)
                 others = [query for query in range(hidden.shape[0]) if query not in span]

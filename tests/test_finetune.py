@@ -17,18 +17,7 @@ from retromae.losses import describe
 from retromae.sentence_transformer import load_sentence_transformer
 
 from conftest import place_in_hub_cache
-
-
-PAIRS = [
-    ("what do cats do", "cats purr and sleep in the sun"),
-    ("what do dogs do", "dogs bark at strangers"),
-    ("where do rivers go", "rivers flow into the sea"),
-    ("what is the capital of france", "paris is the capital of france"),
-    ("how do plants grow", "plants grow with light and water"),
-    ("who wrote hamlet", "hamlet was written by shakespeare"),
-    ("what is ice", "ice is frozen water"),
-    ("why is the sky blue", "the sky looks blue because of scattering"),
-]
+from helpers import PAIRS
 
 
 @pytest.fixture

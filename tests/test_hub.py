@@ -25,7 +25,7 @@ from retromae.corpus import resolve_corpus
 from retromae.hub import CardError, ReleaseError, convert, export_plain, model_card, release
 from retromae.errors import is_hub_id
 from retromae.model_folder import public_name
-from retromae.pretrain import release_encoder
+from retromae.run_record import release_encoder
 
 from conftest import MINILM_PATH, TEXTS, place_in_hub_cache
 
@@ -240,6 +240,16 @@ def test_a_bert_folder_is_sent_to_convert_and_pickles_are_refused(tmp_path, tiny
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     with pytest.raises(ReleaseError, match="no .safetensors weights \\(only pickled pytorch_model.bin\\)"):
         release(pickled, "org/x", dry_run=tmp_path / "repo")
+
+
+def test_a_releases_config_json_names_no_local_folder_as_a_plain_save_pretrained_does(model_dir, tmp_path, tiny_config):
+    """`_name_or_path` is where a model was loaded from; transformers' own `save_pretrained` leaves it out, and so does a release."""
+    folder = Path(release(model_dir, "org/tiny-retromae", dry_run=tmp_path / "repo"))  # loaded from run/model to be released
+    BertForMaskedLM(tiny_config.encoder).save_pretrained(tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    for written in (model_dir, folder):
+        config = json.loads((written / "config.json").read_text())
+        assert "_name_or_path" not in config and set(plain) <= set(config), written
 
 
 def write(path: Path, text: str) -> Path:

@@ -6,7 +6,6 @@ reads only the Hub cache the test builds.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,14 +21,12 @@ from transformers import AutoConfig
 from retromae import RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining, RetroMAEModel
 from retromae.hub import release
 from retromae.model_folder import load_encoder
-from retromae.pretrain import release_encoder
+from retromae.run_record import release_encoder
 
 from conftest import TEXTS, place_in_hub_cache, write_legacy_checkpoint
+from helpers import COMMIT, REPO_ID, load_every_route, user_environment
 
 
-ROUTES_SCRIPT = Path(__file__).with_name("load_every_route.py")
-REPO_ID = "org/tiny-retromae"
-COMMIT = "c" * 40
 EXPECTED_CLASSES = {
     "AutoTokenizer": "BertTokenizer",
     "SentenceTransformer": "BertModel",
@@ -66,26 +63,6 @@ def expected_embedding(model_dir, tokenizer) -> torch.Tensor:
         return RetroMAEModel.from_pretrained(model_dir).eval()(**tokenizer(TEXTS, padding=True, return_tensors="pt")).sentence_embedding
 
 
-def user_environment(cache: Path, tmp_path: Path) -> dict:
-    environment = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
-    return environment | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "user-home")}
-
-
-def load_every_route(folder: Path, tmp_path: Path) -> dict:
-    """Place `folder` in an offline Hub cache as REPO_ID and load it by every route in a fresh process."""
-    cache = tmp_path / f"hub-cache-{folder.name}"
-    place_in_hub_cache(cache, REPO_ID, {COMMIT: folder}, main=COMMIT)
-    (tmp_path / "texts.json").write_text(json.dumps(TEXTS))
-    output = tmp_path / f"routes-{folder.name}.json"
-    command = [sys.executable, str(ROUTES_SCRIPT), REPO_ID, str(tmp_path / "texts.json"), str(output)]
-    result = subprocess.run(
-        command, env=user_environment(cache, tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "custom code" not in result.stdout + result.stderr
-    return json.loads(output.read_text())
-
-
 def reported_rows(warnings: list[str]) -> set[tuple[str, str]]:
     """(key prefix, status) of every row of transformers' load reports among `warnings`."""
     rows = set()
@@ -103,7 +80,7 @@ def assert_every_route_gives_the_embedding(routes: dict, expected: torch.Tensor,
     assert {route: result["class"] for route, result in routes.items()} == EXPECTED_CLASSES
     assert routes["AutoTokenizer"]["warnings"] == []
     for route, result in routes.items():
-        assert not any("to instantiate a model of type" in warning for warning in result["warnings"]), route
+        assert not any("to instantiate a model of type" in warning for warning in result["warnings"]), (route, result["warnings"])
         if route == "AutoTokenizer":
             continue
         if "trust_remote_code" in route:

@@ -10,15 +10,16 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, ModernBertConfig
 
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
-from retromae import modeling_retromae, pretrain
-from retromae.cli import build_parser, main
-from retromae.corpus import resolve_corpus
+from retromae import modeling_retromae
+from retromae.cli import main
+from retromae.corpus import CorpusCounts, resolve_corpus
 from retromae.modeling_retromae import WholeWordDraw
-from retromae.pretrain import LengthGroups
+from retromae.engines import read_engine
+from retromae.run_passages import LengthGroups, training_passages
+from retromae.trainer import training_arguments
 
 from conftest import MINILM_PATH, TEXTS, decoder_mask
-from test_modeling_retromae import assert_same_loss_and_gradients, reference_losses
-from test_pretrain import corpus, tiny_run  # noqa: F401 (the corpus fixture)
+from helpers import assert_same_loss_and_gradients, reference_losses, resolved_settings, tiny_run
 
 
 def long_texts(count: int, words: int, seed: int = 0) -> list[str]:
@@ -212,13 +213,11 @@ def test_length_groups_keep_every_passage_and_batch_similar_lengths():
 
 @pytest.mark.parametrize("steps", [["--max-steps", "4"], ["--max-steps", "-1", "--epochs", "1"]], ids=["cut-as-read", "counted-in-epochs"])
 def test_group_by_length_trains_whether_the_corpus_is_cut_as_read_or_up_front(corpus, tmp_path, steps, tiny_config):
-    args = build_parser().parse_args([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps])
-    pretrain.resolve_defaults(args)
-    pretrain.check_arguments(args)
-    dataset, _ = pretrain.training_passages(args, resolve_corpus(args.train_data, None, "train"), AutoTokenizer.from_pretrained(MINILM_PATH))
+    settings = resolved_settings([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps])
+    dataset, _ = training_passages(settings, resolve_corpus(settings.train_data, None, "train"), AutoTokenizer.from_pretrained(MINILM_PATH), CorpusCounts())
     if steps[1] == "-1":
         assert "length" in dataset.column_names
         assert dataset["length"] == [len(ids) for ids in dataset["input_ids"]]
-        assert pretrain.training_arguments(args, RetroMAEForPreTraining(tiny_config)).train_sampling_strategy == "group_by_length"
+        assert training_arguments(settings, read_engine(settings), RetroMAEForPreTraining(tiny_config)).train_sampling_strategy == "group_by_length"
     assert main([*tiny_run(corpus, tmp_path / "run", "--group-by-length"), *steps]) == 0
     assert json.loads((tmp_path / "run" / "model" / "retromae_pretraining.json").read_text())["group_by_length"] is True

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
 from retromae import RetroMAECollator, RetroMAEForPreTraining, RetroMAELoss
 from retromae.losses import LOSS_FOLDER
 
 from families import CORPUS, FAMILIES, build_checkpoint
-from test_pretrain import CrashAfter
+from helpers import cls_model, train_with_retromae_loss
 
 EXAMPLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "sentence-transformers.md"
 
@@ -29,11 +28,6 @@ def checkpoints(tmp_path_factory):
     for family in FAMILIES:
         build_checkpoint(family, root / family)
     return root
-
-
-def cls_model(folder: Path, max_seq_length: int = 64) -> SentenceTransformer:
-    transformer = Transformer(str(folder), max_seq_length=max_seq_length)
-    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")])
 
 
 def without_dropout(module):
@@ -98,33 +92,16 @@ def test_a_model_whose_embedding_is_not_the_first_token_is_refused(checkpoints, 
         RetroMAELoss(model)
 
 
-def train(folder: Path, output_dir: Path, max_steps: int, resume: bool = False, crash_at: int | None = None) -> RetroMAELoss:
-    torch.manual_seed(0)
-    model = cls_model(folder)
-    loss = RetroMAELoss(model)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=2,
-        logging_steps=1, seed=7, report_to="none", use_cpu=True, dataloader_drop_last=True,
-    )
-    callbacks = [loss.checkpoints] + ([CrashAfter(crash_at)] if crash_at else [])
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": CORPUS * 2}), loss=loss, callbacks=callbacks)
-    try:
-        trainer.train(resume_from_checkpoint=resume or None)
-    except KeyboardInterrupt:
-        pass
-    return loss
-
-
 def test_trainer_trains_decoder_and_encoder_and_a_killed_run_resumes_to_the_same_weights(checkpoints, tmp_path):
     folder = checkpoints / "bert"
-    whole = train(folder, tmp_path / "whole", max_steps=4)
+    whole = train_with_retromae_loss(folder, tmp_path / "whole", max_steps=4)
     assert (tmp_path / "whole" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").is_file()
     start = RetroMAELoss(cls_model(folder))
     moved = {name: (parameter - start.retromae.get_parameter(name)).abs().max().item() for name, parameter in whole.retromae.named_parameters()}
     assert moved["decoder.layers.0.attention.self.query.weight"] > 0 and moved["encoder.bert.encoder.layer.0.attention.self.query.weight"] > 0
 
-    train(folder, tmp_path / "killed", max_steps=4, crash_at=2)
-    resumed = train(folder, tmp_path / "killed", max_steps=4, resume=True)
+    train_with_retromae_loss(folder, tmp_path / "killed", max_steps=4, crash_at=2)
+    resumed = train_with_retromae_loss(folder, tmp_path / "killed", max_steps=4, resume=True)
     for name, parameter in whole.retromae.named_parameters():
         torch.testing.assert_close(resumed.retromae.get_parameter(name), parameter, atol=0, rtol=0, msg=name)
 
@@ -158,10 +135,10 @@ def test_the_callback_clips_the_losss_own_gradients(checkpoints):
 
 
 def test_resuming_from_a_checkpoint_without_the_decoder_is_an_error(checkpoints, tmp_path):
-    train(checkpoints / "bert", tmp_path / "run", max_steps=4, crash_at=2)
+    train_with_retromae_loss(checkpoints / "bert", tmp_path / "run", max_steps=4, crash_at=2)
     (tmp_path / "run" / "checkpoint-2" / LOSS_FOLDER / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="holds no RetroMAELoss weights"):
-        train(checkpoints / "bert", tmp_path / "run", max_steps=4, resume=True)
+        train_with_retromae_loss(checkpoints / "bert", tmp_path / "run", max_steps=4, resume=True)
 
 
 def loss_example() -> str:

@@ -1,6 +1,7 @@
 """The model against the spec: a hand-computed reference loss, training, attention backends."""
 
 import inspect
+import json
 import math
 import re
 from pathlib import Path
@@ -9,69 +10,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 import datasets
-from transformers import BertModel, RobertaConfig, Trainer, TrainingArguments
+from safetensors.torch import load_file
+from transformers import AutoModel, BertModel, RobertaConfig, Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining, RetroMAEModel, modeling_retromae
 from retromae.configuration_retromae import RETROMAE_FIELDS
+from retromae.model_folder import load_encoder
 from retromae.modeling_retromae import RELEASED_ENCODERS
 
-from conftest import MINILM_PATH, TEXTS, UNKNOWN_TEXTS, decoder_mask
+from conftest import MINILM_PATH, TEXTS, UNKNOWN_TEXTS
 from families import FAMILIES, VOCAB_SIZE, tiny_config as family_config
+from helpers import assert_same_loss_and_gradients, layer_norm, linear, reference_losses
 
 
-def layer_norm(x, module):
-    return F.layer_norm(x, x.shape[-1:], module.weight, module.bias, module.eps)
-
-
-def linear(x, module):
-    return x @ module.weight.T + module.bias
-
-
-def reference_mlm_loss(model, hidden, labels):
-    """The MLM head over every position, cross entropy over the labelled ones (the direct form)."""
-    head = model.encoder.cls.predictions
-    transformed = layer_norm(F.gelu(linear(hidden, head.transform.dense)), head.transform.LayerNorm)
-    logits = transformed @ model.encoder.bert.embeddings.word_embeddings.weight.T + head.bias
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-def reference_losses(model, batch):
-    """RetroMAE's two losses recomputed step by step from ../shared/docs/retromae.md (DupMAE's query stream for objective="dupmae")."""
-    embeddings = model.encoder.bert.embeddings
-    encoder_hidden = model.encoder.bert(batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"]).last_hidden_state
-    encoder_loss = reference_mlm_loss(model, encoder_hidden, batch["encoder_labels"])
-
-    ids = batch["decoder_input_ids"]
-    batch_size, seq = ids.shape
-    h_x = encoder_hidden[:, 0]  # the sentence embedding
-    positions = embeddings.position_embeddings.weight[:seq]
-    token_type = embeddings.token_type_embeddings.weight[0]
-    h2 = layer_norm(embeddings.word_embeddings.weight[ids] + positions + token_type, embeddings.LayerNorm)
-    h2 = torch.cat([h_x[:, None], h2[:, 1:]], dim=1)  # content stream
-    # the query stream; without enhanced decoding the decoder attends over its own (masked) input
-    h1 = h_x[:, None] + positions if model.config.enhanced_decoding else h2
-    if model.config.objective == "dupmae":  # h_X through the embeddings module: + p_i + token type 0, LayerNorm
-        h1 = layer_norm(h_x[:, None] + positions + token_type, embeddings.LayerNorm)
-
-    layer = model.decoder.layers[0]
-    attention = layer.attention.self
-    heads, head_size = attention.num_attention_heads, attention.attention_head_size
-
-    def split(x):
-        return x.view(batch_size, seq, heads, head_size).transpose(1, 2)
-
-    q, k, v = split(linear(h1, attention.query)), split(linear(h2, attention.key)), split(linear(h2, attention.value))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_size)
-    scores = scores.masked_fill(~decoder_mask(batch)[:, None], float("-inf"))
-    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, seq, heads * head_size)
-    attended = layer_norm(linear(context, layer.attention.output.dense) + h1, layer.attention.output.LayerNorm)
-    hidden = F.gelu(linear(attended, layer.intermediate.dense))
-    decoded = layer_norm(linear(hidden, layer.output.dense) + attended, layer.output.LayerNorm)
-    decoder_loss = reference_mlm_loss(model, decoded, batch["decoder_labels"])
-    return encoder_loss, decoder_loss
+# Releases written before the release classes were declared (see the test that reads them).
+OLD_RELEASES = Path(__file__).parent / "old_releases"
 
 
 def reference_bow_loss(model, batch, special_ids):
@@ -274,18 +230,6 @@ def test_a_checkpoint_loads_with_one_kernel_for_the_encoder_and_another_for_the_
     assert (model.encoder.config._attn_implementation, model.decoder.config._attn_implementation) == ("eager", "sdpa")
 
 
-def assert_same_loss_and_gradients(plain, other, batch, atol, other_forward=None):
-    """`other`, run through `other_forward` (itself by default), gives `plain`'s loss and every gradient."""
-    losses = []
-    for forward in (plain, other if other_forward is None else other_forward):
-        loss = forward(**batch).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(losses[1], abs=atol)
-    for name, parameter in plain.named_parameters():
-        torch.testing.assert_close(parameter.grad, other.get_parameter(name).grad, atol=atol, rtol=10 * atol)
-
-
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch):
     plain = RetroMAEForPreTraining(tiny_config).train()
     checkpointed = RetroMAEForPreTraining(tiny_config).train()
@@ -394,12 +338,14 @@ def test_encoder_forward_takes_transformers_typed_keyword_arguments(tiny_config,
 
 def test_encoder_classes_are_built_from_a_retromae_config_as_in_earlier_versions(tiny_config, batch):
     """`RetroMAEModel(RetroMAEConfig(vocab_size=...))` builds the BERT encoder the config describes, with RetroMAE's settings."""
-    for encoder_class in (RetroMAEModel, RetroMAEForMaskedLM):
+    ids = batch["decoder_input_ids"]
+    for encoder_class, width in ((RetroMAEModel, tiny_config.encoder.hidden_size), (RetroMAEForMaskedLM, tiny_config.encoder.vocab_size)):
         model = encoder_class(tiny_config).eval()
         assert model.config.to_dict() | {"architectures": None} == tiny_config.encoder.to_dict() | {"architectures": None} | {
             name: getattr(tiny_config, name) for name in RETROMAE_FIELDS
         }
-        assert model(batch["decoder_input_ids"]) is not None
+        states = model(ids)[0]  # the final hidden states, or the MLM head's logits
+        assert states.shape == (*ids.shape, width) and torch.isfinite(states).all()
 
 
 def test_an_encoder_class_refuses_a_retromae_config_of_another_family():
@@ -439,6 +385,68 @@ def test_encoder_forward_has_the_familys_signature_which_transformers_reads(fami
     arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", per_device_train_batch_size=2)
     loaded = next(iter(Trainer(model=model, args=arguments, train_dataset=rows).get_train_dataloader()))
     assert set(loaded) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("family", list(modeling_retromae.ENCODER_FAMILIES))
+def test_every_family_has_both_release_classes_declared_and_its_releases_name_them(family, tmp_path):
+    """Each family's two classes are `class` statements of the file (for readers, IDEs and `grep`), exported, and in `auto_map`."""
+    source = Path(modeling_retromae.__file__).read_text()
+    classes = RELEASED_ENCODERS[family]
+    for release_class, family_class in zip(classes, modeling_retromae.family_classes(family)):
+        assert f"\nclass {release_class.__name__}(" in source and release_class.__name__ in modeling_retromae.__all__
+        assert getattr(modeling_retromae, release_class.__name__) is release_class and release_class.__bases__[-1] is family_class
+    RetroMAEForPreTraining(RetroMAEConfig(encoder=family_config(family, VOCAB_SIZE))).released_encoder().save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoModel": f"modeling_retromae.{classes[0].__name__}", "AutoModelForMaskedLM": f"modeling_retromae.{classes[1].__name__}"}
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_a_release_written_before_the_classes_were_declared_loads_and_saves_as_it_was(family, tmp_path):
+    """
+    tests/old_releases holds tiny releases (config.json and weights) that `released_encoder().save_pretrained` wrote
+    when the release classes were made by a factory: the classes their `auto_map` names exist, the declared classes
+    load them and embed as the family's own class does, and save them again with the same weights and RetroMAE keys.
+    """
+    folder = OLD_RELEASES / family
+    written = json.loads((folder / "config.json").read_text())
+    assert all(name.removeprefix("modeling_retromae.") in modeling_retromae.__all__ for name in written["auto_map"].values())
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 9, 10, 2, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        embedding = load_encoder(folder, with_mlm_head=False)(ids, attention_mask=mask).sentence_embedding
+        own = AutoModel.from_pretrained(folder)(ids, attention_mask=mask).last_hidden_state[:, 0]
+    torch.testing.assert_close(embedding, own, atol=0, rtol=0)
+    load_encoder(folder).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    kept = ["model_type", "architectures", "auto_map", *RETROMAE_FIELDS]
+    assert {key: saved[key] for key in kept} == {key: written[key] for key in kept}
+    before, after = load_file(folder / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("family", [family for family in FAMILIES if not modeling_retromae.ENCODER_FAMILIES[family].rotary])
+def test_inputs_embeds_give_the_states_the_familys_own_class_gives(family):
+    """
+    transformers' `test_inputs_embeds_matches_input_ids` on every family with a position table, and padding besides:
+    given `input_ids` or their `inputs_embeds`, the release class numbers positions as the family's own class does
+    (RoBERTa's from `input_ids` skip padding, from `inputs_embeds` they cannot), so its states are that class's, bit for bit.
+    """
+    config = family_config(family, VOCAB_SIZE)
+    release = RELEASED_ENCODERS[family][0](config).eval()
+    own = MODEL_MAPPING[type(config)](config, **({"add_pooling_layer": False} if modeling_retromae.builds_pooler(family) else {})).eval()
+    own.load_state_dict(release.state_dict())
+    torch.manual_seed(0)
+    ids = torch.randint(config.pad_token_id + 1, VOCAB_SIZE, (13, 7))
+    padded = ids.clone()
+    padded[0, 3], padded[1, 5:] = config.pad_token_id, config.pad_token_id  # padding inside a row and at its end
+    with torch.no_grad():
+        for inputs in (ids, padded):
+            mask = (inputs != config.pad_token_id).long()
+            for route in ({"input_ids": inputs}, {"inputs_embeds": own.get_input_embeddings()(inputs)}):
+                expected = own(**route, attention_mask=mask).last_hidden_state
+                torch.testing.assert_close(release(**route, attention_mask=mask).last_hidden_state, expected, rtol=0, atol=0)
+        from_embeddings = release(inputs_embeds=release.get_input_embeddings()(ids)).last_hidden_state
+        torch.testing.assert_close(from_embeddings, release(ids).last_hidden_state)
 
 
 @pytest.mark.parametrize("model_enhanced, collator_enhanced", [(False, True), (True, False)])

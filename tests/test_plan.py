@@ -2,7 +2,6 @@
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,11 @@ from transformers import BertConfig
 
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.cli import main
-from retromae.plan import GIB, Parameters, activation_bytes, engine_memory, largest_batch, make_plan, parameter_counts, step_memory
+from retromae.plan import GIB, MAX_BATCH, Parameters, activation_bytes, engine_memory, largest_batch, make_plan, parameter_counts, step_memory
 
+# The benchmarks' own measurements, so that the tests and the benchmarks report the same figures.
+from benchmarks.benchmark_step import peak_step_mib, saved_for_backward_mib, training_step
 from conftest import TEXTS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from benchmark_step import peak_step_mib, saved_for_backward_mib, training_step  # noqa: E402  (the benchmarks' measurements, so that both report the same figures)
 
 
 H, LAYERS, INNER, VOCAB, POSITIONS = 32, 2, 64, 100, 128
@@ -111,6 +109,11 @@ def test_the_largest_batch_fits_and_one_more_does_not(bert):
     assert largest_batch(memory, memory(1).peak - 1) == 0
 
 
+def test_the_search_for_the_largest_batch_ends_on_a_memory_too_large_for_a_float(bert):
+    parameters = parameter_counts(bert)
+    assert largest_batch(lambda batch: step_memory(bert, parameters, batch, 128, "DDP", 1, "bf16", False), 1e308 * GIB) == MAX_BATCH
+
+
 def test_plan_prints_every_engine_with_and_without_checkpointing(capsys):
     assert main(["plan", "--model", "tiny", "--max-length", "512", "--batch-size", "8", "--gpus", "4", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr().out
@@ -119,9 +122,9 @@ def test_plan_prints_every_engine_with_and_without_checkpointing(capsys):
         assert f"| {engine} | off |" in out and f"| {engine} | on |" in out
 
 
-def test_xlm_roberta_large_at_8192_tokens_is_planned_offline():
-    plan = make_plan("xlm-roberta-large", 8192, 1, 32, 40)
-    assert 550e6 < plan.parameters.total < 600e6  # XLM-R large and a decoder layer; positions extended to 8,192
+def test_bge_m3_at_8192_tokens_is_planned_offline():
+    plan = make_plan("BAAI/bge-m3", 8192, 1, 32, 40)
+    assert 550e6 < plan.parameters.total < 600e6  # XLM-R large with 8,194 positions, and a decoder layer
     checkpointed = {engine: batch for engine, checkpointing, _, batch in plan.rows if checkpointing}
     assert checkpointed["ZeRO-1"] >= checkpointed["DDP"] >= 1
     assert all(memory.peak < 40 * GIB for _, checkpointing, memory, _ in plan.rows if checkpointing)
@@ -135,6 +138,8 @@ def test_xlm_roberta_large_at_8192_tokens_is_planned_offline():
         (["--gpus", "0"], "--gpus: must be at least 1, got 0"),
         (["--gpu-memory", "0"], "--gpu-memory: must be above 0, got 0"),
         (["--model", "no-such-model"], "--model no-such-model: neither a size name or known model"),
+        (["--max-length", "513"], "--max-length 513 exceeds the 512 tokens the model's positions allow"),
+        (["--model", "xlm-roberta-large", "--max-length", "8192"], "--max-length 8192 exceeds the 512 tokens the model's positions allow"),
     ],
 )
 def test_bad_input_exits_2_naming_the_flag(capsys, change, message):

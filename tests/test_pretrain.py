@@ -10,39 +10,14 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from tokenizers import BertWordPieceTokenizer
-from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast, TrainerCallback
+from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from retromae import pretrain
+from retromae import loading
 from retromae.cli import build_parser, main
 
-from conftest import TEXTS
-
-
-CORPUS = [f"{text} Passage number {i} repeats it with a twist of words." for i in range(8) for text in TEXTS]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS) + "\n\n")
-    return path
-
-
-def tiny_run(corpus, output_dir, *extra):
-    return [
-        "pretrain",
-        "--config", "tiny",
-        "--train-data", str(corpus),
-        "--output-dir", str(output_dir),
-        "--max-length", "32",
-        "--batch-size", "4",
-        "--max-steps", "4",
-        "--logging-steps", "2",
-        "--save-steps", "2",
-        "--seed", "3",
-        *extra,
-    ]
+from conftest import CORPUS
+from helpers import CrashAfter, resolved_settings, run_pretraining, tiny_run
 
 
 def test_pretrain_releases_an_encoder_that_loads_and_embeds(corpus, tmp_path, tokenizer, capsys):
@@ -117,7 +92,7 @@ def test_a_folder_that_is_not_a_bert_tokenizer_is_refused(corpus, tmp_path, caps
 
 def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capfd, no_transformers_warnings):
     BertModel(tiny_config.encoder).save_pretrained(tmp_path / "bert")
-    model = pretrain.load_base_model(str(tmp_path / "bert"), "sdpa", {"encoder_mask_ratio": 0.2})
+    model = loading.load_base_model(str(tmp_path / "bert"), "sdpa", {"encoder_mask_ratio": 0.2})
     assert transformers_logging.get_verbosity() == transformers_logging.WARNING
     assert model.config.encoder_mask_ratio == 0.2
     captured = capfd.readouterr()
@@ -129,18 +104,15 @@ def test_loading_a_bert_says_in_one_line_what_is_new(tiny_config, tmp_path, capf
 def test_the_fresh_decoder_of_a_checkpoint_follows_the_seed(tiny_config, tokenizer, tmp_path):
     BertModel(tiny_config.encoder).save_pretrained(tmp_path / "bert")
     tokenizer.save_pretrained(tmp_path / "bert")
-    parser = build_parser()
     decoders = []
     for seed in ("3", "3", "4"):
-        args = parser.parse_args(["pretrain", "--model", str(tmp_path / "bert"), "--seed", seed, "--max-length", "32"])
-        model, _ = pretrain.build_model_and_tokenizer(args)
+        model, _ = loading.build_model_and_tokenizer(resolved_settings(["pretrain", "--model", str(tmp_path / "bert"), "--seed", seed, "--max-length", "32"]))
         decoders.append(model.decoder.layers[0].attention.self.query.weight)
     assert torch.equal(decoders[0], decoders[1]) and not torch.equal(decoders[0], decoders[2])
 
 
 def test_no_enhanced_decoding_builds_the_ablation(tmp_path):
-    args = build_parser().parse_args(["pretrain", "--config", "tiny", "--no-enhanced-decoding", "--max-length", "32"])
-    model, _ = pretrain.build_model_and_tokenizer(args)
+    model, _ = loading.build_model_and_tokenizer(resolved_settings(["pretrain", "--config", "tiny", "--no-enhanced-decoding", "--max-length", "32"]))
     assert model.config.enhanced_decoding is False
 
 
@@ -154,28 +126,13 @@ def test_jsonl_files_and_folders_are_read(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-class CrashAfter(TrainerCallback):
-    """Simulates a killed run: raises once the given step has been checkpointed."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
-    parser = build_parser()
-    whole = parser.parse_args(tiny_run(corpus, tmp_path / "whole", "--max-steps", "6", "--save-steps", "3"))
-    pretrain.run(whole)
+    run_pretraining(tiny_run(corpus, tmp_path / "whole", "--max-steps", "6", "--save-steps", "3"))
 
-    killed = parser.parse_args(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3"))
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(killed, callbacks=[CrashAfter(4)])
-    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3"]
-    resumed = parser.parse_args(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3", "--resume"))
-    pretrain.run(resumed)
+        run_pretraining(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3"), callbacks=[CrashAfter(4)])
+    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3", "retromae_run.json"]
+    run_pretraining(tiny_run(corpus, tmp_path / "killed", "--max-steps", "6", "--save-steps", "3", "--resume"))
 
     expected = load_file(tmp_path / "whole" / "checkpoint-6" / "model.safetensors")
     actual = load_file(tmp_path / "killed" / "checkpoint-6" / "model.safetensors")
@@ -199,7 +156,11 @@ def test_two_process_data_parallel_run_on_cpu(corpus, tmp_path):
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert state["train_batch_size"] == 4
-    assert AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True) is not None
+    released = AutoModel.from_pretrained(output_dir / "model", trust_remote_code=True)
+    trained = load_file(output_dir / "checkpoint-4" / "model.safetensors")
+    assert type(released).__name__ == "RetroMAEModel"
+    for name, tensor in released.state_dict().items():  # the release is the encoder rank 0 trained and saved
+        torch.testing.assert_close(tensor, trained[f"encoder.bert.{name}"], atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "release", "convert", "plan"])
@@ -223,7 +184,7 @@ def test_help_documents_every_option(capsys, command):
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "bad.jsonl", '{"text": "ok"}\nnot json\n'))], "bad.jsonl:2 is not valid JSON"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "field.jsonl", '{"body": "x"}\n'))], "field.jsonl has no column 'text' (its columns: body)"),
         (lambda tmp, args: args + ["--train-data", str(write(tmp / "c.txt", "text\n")), "--model", str(tmp)], "Give --model or --config, not both"),
-        (lambda tmp, args: args + ["--objective", "dupmae", "--bow-loss-weight", "-0.5"], "--bow-loss-weight must be at least 0, got -0.5"),
+        (lambda tmp, args: args + ["--objective", "dupmae", "--bow-loss-weight", "-0.5"], "--bow-loss-weight must be a finite number of at least 0, got -0.5"),
         (lambda tmp, args: args + ["--bow-loss-weight", "0.2"], "--bow-loss-weight applies to --objective dupmae only"),
         (lambda tmp, args: args + ["--objective", "retromae", "--bow-loss-weight", "0"], "--bow-loss-weight applies to --objective dupmae only"),
         (lambda tmp, args: args + ["--objective", "dupmae", "--no-enhanced-decoding"], "--objective dupmae needs enhanced decoding"),
@@ -256,23 +217,23 @@ def test_an_attention_kernel_the_family_lacks_is_refused(tmp_path, corpus, capsy
     ],
 )
 def test_a_kernel_this_machine_cannot_run_is_refused_before_training(corpus, tmp_path, capsys, monkeypatch, kernel, cuda, package, message):
-    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: cuda)
-    find_spec = pretrain.importlib.util.find_spec
-    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: package if name == "flash_attn" else find_spec(name, *rest))
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: cuda)
+    find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *rest: package if name == "flash_attn" else find_spec(name, *rest))
     assert main(tiny_run(corpus, tmp_path / "o", "--attn-implementation", kernel)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_flash_and_flex_attention_leave_the_decoder_on_sdpa(monkeypatch):
-    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
-    find_spec = pretrain.importlib.util.find_spec
-    monkeypatch.setattr(pretrain.importlib.util, "find_spec", lambda name, *rest: name if name == "flash_attn" else find_spec(name, *rest))
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *rest: name if name == "flash_attn" else find_spec(name, *rest))
     encoder = {"model_type": "modernbert", "attention_dropout": 0.0}
     for kernel in ("flash_attention_2", "flex_attention"):
-        assert pretrain.attention_implementations(kernel, encoder) == {"": "sdpa", "encoder": kernel}
-    assert pretrain.attention_implementations("eager", encoder) == {"": "eager", "encoder": "eager"}
-    assert pretrain.attention_implementations("sdpa", {"model_type": "deberta-v2"}) == {"": "eager", "encoder": "eager"}
+        assert loading.attention_implementations(kernel, encoder) == {"": "sdpa", "encoder": kernel}
+    assert loading.attention_implementations("eager", encoder) == {"": "eager", "encoder": "eager"}
+    assert loading.attention_implementations("sdpa", {"model_type": "deberta-v2"}) == {"": "eager", "encoder": "eager"}
 
 
 def test_an_unknown_objective_exits_2_naming_the_flag_and_the_choices(tmp_path, capsys):

@@ -17,53 +17,46 @@ from safetensors.torch import load_file
 from torch.distributed.run import get_args_parser as torchrun_parser
 from transformers import BertForMaskedLM
 
-from retromae import RetroMAEConfig, RetroMAEForPreTraining, pretrain
+from retromae import PretrainingSettings, RetroMAEConfig, RetroMAEForPreTraining
+from retromae.engines import Engine, fsdp_units, read_engine
+from retromae.errors import UsageError
+from retromae.loading import build_model_and_tokenizer
+from retromae.pretraining import check_resumable
+from retromae.settings import FSDP_CONFIG_KEYS
+from retromae.trainer import trainer_settings, training_arguments
 from retromae.diagnostics import read_metrics
 from retromae.cli import build_parser, main
 
-from families import FAMILIES, tiny_config
-from test_pretrain import corpus, tiny_run  # noqa: F401 (corpus is a fixture)
+from families import FAMILIES, tiny_config, tiny_family
+from helpers import resolved_settings, tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 HERE = Path(__file__).resolve().parent
 PAGE = ROOT / "docs" / "scaling-engines.md"
 
-LAYERS = {
-    "bert": "BertLayer",
-    "roberta": "RobertaLayer",
-    "xlm-roberta": "XLMRobertaLayer",
-    "modernbert": "ModernBertEncoderLayer",
-    "deberta-v2": "DebertaV2Layer",
-    "distilbert": "TransformerBlock",
-    "electra": "ElectraLayer",
-}
 
-
-def checked(argv: list[str]):
-    args = build_parser().parse_args(["pretrain", "--config", "tiny", "--max-length", "32", *argv])
-    pretrain.resolve_defaults(args)
-    pretrain.check_arguments(args)
-    return args
+def checked(argv: list[str]) -> tuple[PretrainingSettings, Engine]:
+    settings = resolved_settings(["pretrain", "--config", "tiny", "--max-length", "32", *argv])
+    return settings, read_engine(settings)
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    args = checked([])
-    return pretrain.build_model_and_tokenizer(args)[0]
+    return build_model_and_tokenizer(checked([])[0])[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fsdp_shards_each_layer_of_the_family_and_the_decoder(family):
     model = RetroMAEForPreTraining(RetroMAEConfig(encoder=tiny_config(family, 100)))
-    layer, decoder = pretrain.fsdp_units(model)
-    assert (layer, decoder) == (LAYERS[family], "RetroMAEDecoder")
+    layer, decoder = fsdp_units(model)
+    assert (layer, decoder) == (tiny_family(family).layer, "RetroMAEDecoder")
     declared = model.encoder.base_model._no_split_modules
     assert not declared or layer in declared  # the layer transformers itself keeps whole, where the family names one
 
 
 def test_fsdp_reaches_the_trainer_as_fsdp2_with_those_units(tiny_model):
-    arguments = pretrain.training_arguments(checked(["--fsdp", "--gradient-checkpointing"]), tiny_model)
+    arguments = training_arguments(*checked(["--fsdp", "--gradient-checkpointing"]), tiny_model)
     assert arguments.fsdp is True and not arguments.activation_checkpointing  # FSDP recomputes its units itself
     assert arguments.fsdp_plugin_args == {
         "fsdp_version": 2,
@@ -79,7 +72,7 @@ def test_fsdp_reaches_the_trainer_as_fsdp2_with_those_units(tiny_model):
 def test_an_fsdp_config_file_overrides_the_defaults(tiny_model, tmp_path):
     path = tmp_path / "fsdp.json"
     path.write_text(json.dumps({"fsdp_state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": False}))
-    plugin = pretrain.training_arguments(checked(["--fsdp", str(path)]), tiny_model).fsdp_plugin_args
+    plugin = training_arguments(*checked(["--fsdp", str(path)]), tiny_model).fsdp_plugin_args
     assert plugin["state_dict_type"] == "FULL_STATE_DICT" and plugin["reshard_after_forward"] is False
     assert plugin["transformer_cls_names_to_wrap"] == "BertLayer,RetroMAEDecoder"
 
@@ -87,7 +80,7 @@ def test_an_fsdp_config_file_overrides_the_defaults(tiny_model, tmp_path):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_example_deepspeed_configs_reach_the_trainer_with_the_bucket_sizes_of_the_encoders_width(stage, tiny_model):
     path = EXAMPLES / "deepspeed" / f"zero{stage}.json"
-    settings = pretrain.trainer_settings(checked(["--deepspeed", str(path)]), tiny_model)
+    settings = trainer_settings(*checked(["--deepspeed", str(path)]), tiny_model)
     written = json.loads(path.read_text())
     assert settings["deepspeed"].keys() == written.keys() and settings["fsdp"] is False and settings["fsdp_config"] is None
     zero = settings["deepspeed"]["zero_optimization"]
@@ -100,12 +93,12 @@ def test_the_example_deepspeed_configs_reach_the_trainer_with_the_bucket_sizes_o
 def test_zero3_gathers_the_weights_for_the_release_where_the_config_says_nothing(tmp_path, tiny_model):
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    settings = pretrain.trainer_settings(checked(["--deepspeed", str(path)]), tiny_model)
+    settings = trainer_settings(*checked(["--deepspeed", str(path)]), tiny_model)
     assert settings["deepspeed"]["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
 
 
 def test_the_example_fsdp_and_accelerate_configs_load():
-    assert set(json.loads((EXAMPLES / "fsdp.json").read_text())) <= set(pretrain.FSDP_CONFIG_KEYS)
+    assert set(json.loads((EXAMPLES / "fsdp.json").read_text())) <= set(FSDP_CONFIG_KEYS)
     config = ClusterConfig.from_yaml_file(EXAMPLES / "accelerate" / "multi-node.yaml")
     assert (config.num_machines, config.num_processes, config.distributed_type) == (4, 32, "MULTI_GPU")
 
@@ -134,7 +127,7 @@ def test_the_pages_launch_commands_parse_and_their_configs_pass_the_checks(monke
         assert launched.module
         args = build_parser().parse_args(launched.training_script_args)
         assert args.command == "pretrain"
-        pretrain.check_engine(args)
+        read_engine(PretrainingSettings.from_arguments(args))
 
 
 def write(folder: Path, name: str, text: str) -> str:
@@ -176,10 +169,10 @@ def test_deepspeed_without_deepspeed_installed_says_how_to_install_it(corpus, tm
 def test_resume_reads_the_shapes_of_a_checkpoint_fsdp_saved_sharded(tiny_model, tmp_path):
     """FSDP's sharded checkpoint has no safetensors file: --resume checks the model against the shards' metadata."""
     torch.distributed.checkpoint.save({"model": tiny_model.state_dict()}, checkpoint_id=tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0", no_dist=True)
-    pretrain.check_resumable(str(tmp_path / "checkpoint-2"), tiny_model)
+    check_resumable(str(tmp_path / "checkpoint-2"), tiny_model)
     other = RetroMAEForPreTraining(RetroMAEConfig(vocab_size=tiny_model.config.encoder.vocab_size, hidden_size=64, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(pretrain.UsageError, match="holds another model than this run's"):
-        pretrain.check_resumable(str(tmp_path / "checkpoint-2"), other)
+    with pytest.raises(UsageError, match="holds another model than this run's"):
+        check_resumable(str(tmp_path / "checkpoint-2"), other)
 
 
 def test_fsdp_in_one_cpu_process_is_refused_rather_than_run_unsharded(corpus, tmp_path, capsys):

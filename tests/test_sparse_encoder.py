@@ -1,5 +1,7 @@
 """The sparse (SPLADE) release: SPLADE-max of the MLM head's scores, loaded with no flag and no `retromae`; convert, release, finetune, evaluate."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -12,18 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard
-from sentence_transformers import SparseEncoder
+from sentence_transformers import SentenceTransformer, SparseEncoder
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 
 from retromae import RetroMAEForPreTraining
 from retromae.cli import main
-from retromae.hub import convert, release
+from retromae.hub import convert, model_card, release
 from retromae.sparse_encoder import write_sparse_release
 
 from conftest import TEXTS, place_in_hub_cache
 from families import CORPUS, build_checkpoint
-from test_evaluate import write_beir
-from test_finetune import PAIRS
+from helpers import PAIRS, write_beir
 
 
 LOAD_SCRIPT = """
@@ -85,6 +86,64 @@ def user_process(built, tmp_path_factory) -> dict:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {"repository": repository, "card": card, "blocks": blocks, "documented": documented, "stderr": result.stderr, "loaded": json.loads((root / "loaded.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def dupmae_run(tmp_path_factory) -> dict:
+    """
+    A DupMAE run through the CLI from a base-model BERT (no MLM head) that is a sentence-transformers model
+    (`max_seq_length` 48), at `--max-length` 32 with held-out passages; its printed lines, and both releases (dry runs).
+    """
+    root = tmp_path_factory.mktemp("dupmae-run")
+    base = build_checkpoint("bert", root / "base", layout="base")
+    (base / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    arguments = [
+        "pretrain", "--model", str(base), "--train-data", str(corpus), "--output-dir", str(root / "run"), "--objective", "dupmae",
+        "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--save-steps", "2", "--seed", "3",
+        "--eval-data", str(corpus), "--eval-size", "16", "--eval-steps", "2",
+    ]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(arguments) == 0
+    releases = {kind: Path(release(root / "run" / folder, f"org/{kind}", dry_run=root / kind)) for kind, folder in (("dense", "model"), ("sparse", "sparse"))}
+    return {
+        "output": printed.getvalue(),
+        "records": {kind: json.loads((folder / "retromae_pretraining.json").read_text()) for kind, folder in releases.items()},
+        "cards": {kind: (folder / "README.md").read_text() for kind, folder in releases.items()},
+        "releases": releases,
+    }
+
+
+def test_the_sparse_release_of_a_dupmae_run_records_and_shows_its_held_out_evaluation(dupmae_run):
+    dense, sparse = dupmae_run["records"]["dense"], dupmae_run["records"]["sparse"]
+    assert sparse["training_evaluation"]["passages"] == 16
+    assert sparse["training_evaluation"] | {"picture": None} == dense["training_evaluation"] | {"picture": None}  # the picture is the dense folder's
+    assert "Evaluated during pre-training on 16 held-out passages" in dupmae_run["cards"]["sparse"]
+    assert "Not recorded" not in dupmae_run["cards"]["sparse"]
+
+
+def test_both_releases_of_a_dupmae_run_cite_dupmae(dupmae_run):
+    for kind, card in dupmae_run["cards"].items():
+        assert "xiao2022retromae" in card and "liu2023retromae2" in card and "arxiv.org/abs/2211.08769" in card, kind
+    assert "formal2021spladev2" in dupmae_run["cards"]["sparse"] and "formal2021spladev2" not in dupmae_run["cards"]["dense"]
+
+
+def test_both_releases_truncate_at_the_base_models_own_length_when_longer_than_pre_trainings_and_say_so(dupmae_run):
+    dense, sparse = dupmae_run["releases"]["dense"], dupmae_run["releases"]["sparse"]
+    assert SentenceTransformer(str(dense)).max_seq_length == SparseEncoder(str(sparse)).max_seq_length == 48
+    for card in dupmae_run["cards"].values():
+        assert "| sentence-transformers max_seq_length (tokens) | 48 |" in card and "truncates inputs at 48 tokens" in card
+
+
+def test_a_dupmae_run_whose_mlm_head_started_fresh_says_its_sparse_model_is_noise(dupmae_run):
+    """The starting checkpoint has no MLM head: the run's last lines, the sparse record and the sparse card say the weights are this run's alone."""
+    assert "Its MLM head began at random (the starting point has none) and trained for this run's 2 steps alone" in dupmae_run["output"]
+    assert dupmae_run["records"]["sparse"]["fresh_head"] is True
+    assert "**Its MLM head was trained by one pre-training run alone** (2 steps)" in dupmae_run["cards"]["sparse"]
+    assert "MLM head was trained" not in dupmae_run["cards"]["dense"]  # the dense embedding does not read the head
+    with_head = model_card("org/x", dupmae_run["records"]["sparse"] | {"fresh_head": False}, sparse=True)
+    assert "MLM head was trained" not in str(with_head)
 
 
 def splade_by_hand(folder: Path, texts: list[str]) -> torch.Tensor:

@@ -22,7 +22,7 @@ def test_trainer_still_has_the_private_save_hook_atomic_checkpoints_overrides():
     parameters = list(inspect.signature(Trainer._save_checkpoint).parameters)
     assert parameters == ["self", "model", "trial"], (
         f"transformers changed Trainer._save_checkpoint to take {parameters}: update training.AtomicCheckpoints "
-        "and pretrain.stopped_on_bad_record, which call it as (model, trial)."
+        "and trainer.stopped_on_bad_record, which call it as (model, trial)."
     )
 
 

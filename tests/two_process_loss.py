@@ -1,6 +1,6 @@
 """
 Worker of the two-process `RetroMAELoss` test, launched by torchrun: on CPU (gloo), the
-`SentenceTransformerTrainer` run of `test_loss.train` in full, then killed after its first
+`SentenceTransformerTrainer` run of `helpers.train_with_retromae_loss` in full, then killed after its first
 checkpoint and resumed; each process writes every weight it ends with (decoder and head included).
 
 Usage: two_process_loss.py CHECKPOINT OUTPUT_DIR
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from test_loss import train
+from helpers import train_with_retromae_loss
 
 
 def weights(loss) -> dict:
@@ -22,8 +22,8 @@ def weights(loss) -> dict:
 if __name__ == "__main__":
     checkpoint, output_dir = Path(sys.argv[1]), Path(sys.argv[2])
     rank = os.environ["RANK"]
-    whole = train(checkpoint, output_dir / "whole", max_steps=4)
-    train(checkpoint, output_dir / "killed", max_steps=4, crash_at=2)
-    resumed = train(checkpoint, output_dir / "killed", max_steps=4, resume=True)
+    whole = train_with_retromae_loss(checkpoint, output_dir / "whole", max_steps=4)
+    train_with_retromae_loss(checkpoint, output_dir / "killed", max_steps=4, crash_at=2)
+    resumed = train_with_retromae_loss(checkpoint, output_dir / "killed", max_steps=4, resume=True)
     save_file(weights(whole), output_dir / f"whole-{rank}.safetensors")
     save_file(weights(resumed), output_dir / f"resumed-{rank}.safetensors")
