@@ -136,6 +136,8 @@ class PretrainingSettings:
             values = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise UsageError(f"--settings {path}: could not be loaded: not YAML or JSON ({str(error).splitlines()[0]}).") from None
+        if values is None:
+            raise UsageError(f"--settings {path}: the file is empty; write the settings in it, one `name: value` a line.")
         if not isinstance(values, dict):
             raise UsageError(f"--settings {path}: must hold a mapping of settings, got {type(values).__name__}.")
         for key in values:
@@ -158,7 +160,11 @@ class PretrainingSettings:
             if action.dest not in SETTING_NAMES:
                 continue
             value = getattr(self, action.dest)
-            if value is None or isinstance(value, bool) and action.type is None:
+            if value is None:
+                continue
+            if action.nargs == 0 and not isinstance(value, bool):  # a switch: --streaming, --no-enhanced-decoding, ...
+                raise UsageError(f"{action.option_strings[0]} {value!r}: must be true or false.")
+            if isinstance(value, bool) and action.type is None:
                 continue
             if action.type is not None and not isinstance(value, bool):
                 try:

@@ -221,7 +221,7 @@ def test_the_encoder_takes_flex_attention_and_the_decoder_stays_on_sdpa(tiny_con
     flex.load_state_dict(sdpa.state_dict())
     assert (flex.encoder.config._attn_implementation, flex.decoder.config._attn_implementation) == ("flex_attention", "sdpa")
     with torch.no_grad():
-        torch.testing.assert_close(flex(**batch).loss, sdpa(**batch).loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(flex(**batch).loss, sdpa(**batch).loss, atol=1e-5, rtol=1e-5)  # two float32 kernels: they agree to about 2e-6 of the loss
 
 
 def test_a_checkpoint_loads_with_one_kernel_for_the_encoder_and_another_for_the_decoder(tiny_config, tmp_path):

@@ -66,11 +66,14 @@ def test_the_python_entry_runs_what_the_command_runs_and_returns_the_result(tmp_
         ({"training_arguments": {"learning_rate": 0.1}}, "'learning_rate' is set by the run from its own settings"),
         ({"training_arguments": {"lr_scheduler_type": "sideways"}}, "training_arguments: lr_scheduler_type must be one of linear, cosine"),
         ([1, 2], "must hold a mapping of settings, got list"),
+        ({"streaming": "yes"}, "--streaming 'yes': must be true or false"),
+        ({"training_arguments": [1]}, "training_arguments must be a mapping of TrainingArguments fields, got list"),
+        (None, "the file is empty"),
     ],
 )
 def test_a_bad_settings_file_exits_2_naming_the_setting(tmp_path, capsys, content, message):
     settings = tmp_path / "run.json"
-    settings.write_text(json.dumps(content))
+    settings.write_text("" if content is None else json.dumps(content))
     corpus = write_corpus(tmp_path / "corpus.txt")
     assert main(["pretrain", "--config", "tiny", "--train-data", str(corpus), "--settings", str(settings), "--output-dir", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
