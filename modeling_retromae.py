@@ -261,6 +261,8 @@ def register_family(model_type: str, family: EncoderFamily) -> None:
 
 def family_problem(model_type: str, family: EncoderFamily) -> str | None:
     """What keeps RetroMAE from pre-training a `model_type` encoder read through the row `family`, in words; `None` if nothing."""
+    if not isinstance(family, EncoderFamily):
+        return f"the row is a {type(family).__name__}, not an EncoderFamily"
     if model_type in ENCODER_FAMILIES:
         return f"{model_type!r} is already a family of ENCODER_FAMILIES"
     if model_type not in CONFIG_MAPPING:
@@ -294,7 +296,7 @@ def row_problem(masked_lm: PreTrainedModel, family: EncoderFamily) -> str | None
         weight, bias = family.head_output(masked_lm)
         states = torch.zeros(2, getattr(config, names.get("hidden_size", "hidden_size")), device=weight.device)
         scores = F.linear(family.head_transform(masked_lm, states), weight, bias)
-    except Exception as error:  # the row's functions are the user's: say which failed, and how
+    except Exception as error:  # the row's functions are the user's: say how they fail
         return f"its functions fail on a {type(masked_lm).__name__} ({type(error).__name__}: {error})"
     if tuple(scores.shape) != (2, config.vocab_size):
         return f"head_transform and head_output give scores of shape {tuple(scores.shape)} for 2 rows, not (2, vocab_size {config.vocab_size})"
