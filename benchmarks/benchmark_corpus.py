@@ -26,7 +26,7 @@ import torch
 
 from retromae.data import demo_articles
 from retromae.passages import PassageSplitter
-from retromae.loading import demo_model_path
+from retromae.settings import demo_model_path
 from retromae.run_record import hardware
 
 

@@ -48,7 +48,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoT
 from retromae import EnhancedDecodingMask, RetroMAECollator, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.modeling_retromae import bag_of_words_target, encoder_family, max_tokens
 from retromae.plan import parameter_counts, step_memory
-from retromae.loading import demo_model_path
+from retromae.settings import demo_model_path
 from retromae.run_record import hardware
 
 

@@ -11,6 +11,7 @@ from retromae.cli import main
 from retromae.errors import UsageError
 from retromae.settings import resolved
 
+from conftest import MINILM_PATH
 from helpers import tiny_pretrain, write_corpus
 
 
@@ -91,6 +92,7 @@ def test_a_settings_file_that_is_not_yaml_is_named(tmp_path, capsys):
 def test_settings_left_unset_take_the_runs_defaults():
     demo = resolved(PretrainingSettings())
     assert (demo.max_length, demo.batch_size, demo.max_steps, demo.eval_split, demo.objective) == (128, 16, 100, 0.02, "retromae")
+    assert demo.model == MINILM_PATH and demo.config is None  # the README's first command: the demo extra's all-MiniLM-L6-v2
     full = resolved(PretrainingSettings(train_data="corpus.txt", objective="dupmae"))
     assert (full.max_length, full.batch_size, full.max_steps, full.eval_split, full.bow_loss_weight) == (512, 32, -1, None, 0.1)
 
