@@ -59,7 +59,8 @@ from transformers.utils import logging
 from retromae import RetroMAECollator, RetroMAEConfig, RetroMAEForMaskedLM, RetroMAEForPreTraining
 from retromae import finetune
 from retromae.data import Article, demo_articles
-from retromae.diagnostics import HeldOutSet, evaluate_held_out, first_passages
+from retromae.diagnostics import evaluate_held_out
+from retromae.run_passages import HeldOutSet, first_passages
 from retromae.evaluate import METRICS, RetrievalTask, evaluate
 from retromae.model_folder import save_atomically, write_model_files
 from retromae.loading import load_tokenizer
