@@ -214,8 +214,15 @@ def test_flash_attention_is_refused_with_a_clear_error(tiny_config):
         RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="flash_attention_2")
 
 
-def test_the_encoder_takes_flex_attention_and_the_decoder_stays_on_sdpa(tiny_config, batch):
-    """The dict form gives the encoder its family's kernel; on CPU flex attention runs forward only (torch has no backward there)."""
+def test_the_encoder_takes_flex_attention_and_the_decoder_stays_on_sdpa(tiny_config, tokenizer):
+    """The dict form gives the encoder its family's kernel; on CPU flex attention runs forward only (torch has no backward there).
+
+    The batch has no padding: torch 2.13's CPU flex kernel returns NaN, at random from call to
+    call, for rows that end in padding (a plain `BertModel` shows it too); pretrain refuses flex
+    attention without CUDA, so only this test meets it.
+    """
+    batch = RetroMAECollator(tokenizer, max_length=16, seed=0)(TEXTS[:4])
+    assert batch["encoder_attention_mask"].all()
     sdpa = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation="sdpa").eval()
     flex = RetroMAEForPreTraining._from_config(tiny_config, attn_implementation={"": "sdpa", "encoder": "flex_attention"}).eval()
     flex.load_state_dict(sdpa.state_dict())
