@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     releasing.add_argument("model_dir", metavar="MODEL_DIR", help="The model folder (e.g. OUTPUT_DIR/model of a pretrain or finetune run).")
     releasing.add_argument("--repo-id", required=True, help="Hub repository, 'org/name'; created when it does not exist.")
     releasing.add_argument("--private", action="store_true", help="Create the repository private.")
+    releasing.add_argument(
+        "--no-decoder",
+        action="store_true",
+        help="Leave the trained decoder out (the MLM head stays); the card says so. By default the release keeps it, "
+        "so that `retromae pretrain --model REPO_ID` continues pre-training with it.",
+    )
     releasing.add_argument("--dry-run", metavar="DIR", help="Write and check the repository in DIR (new or empty); upload nothing.")
     releasing.add_argument("--overwrite", action="store_true", help="Replace a --dry-run DIR that holds files.")
     releasing.add_argument(
@@ -240,6 +246,7 @@ def run_release(args: argparse.Namespace) -> None:
         language=args.language,
         template=args.card_template,
         commit_message=args.commit_message,
+        decoder=not args.no_decoder,
     )
     if args.dry_run:
         print(f"Repository assembled and checked in {result} (nothing uploaded):")

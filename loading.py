@@ -46,7 +46,7 @@ def build_model_and_tokenizer(settings: PretrainingSettings) -> tuple[RetroMAEFo
         attention = attention_implementations(settings.attn_implementation, config.encoder.to_dict())
         model = RetroMAEForPreTraining._from_config(config, attn_implementation=attention)
     else:
-        model = load_base_model(settings.model, settings.attn_implementation, ratios)
+        model = load_base_model(settings.model, settings.attn_implementation, ratios, settings.fresh_decoder)
         tokenizer = load_tokenizer(settings.tokenizer or settings.model)
     vocab_size, positions = model.config.encoder.vocab_size, max_tokens(model.config.encoder)
     if len(tokenizer) > vocab_size:
@@ -84,11 +84,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(name: str, attn_implementation: str, settings: dict) -> RetroMAEForPreTraining:
+def load_base_model(name: str, attn_implementation: str, settings: dict, fresh_decoder: bool = False) -> RetroMAEForPreTraining:
     """
     RetroMAEForPreTraining from a checkpoint of a supported family or a RetroMAE pre-training
     checkpoint, saying in one line what was carried over and what starts fresh (`model.fresh_parts`,
-    which the run's record reads).
+    which the run's record reads): the decoder continues from a checkpoint that has one (a release
+    of this package, a pre-training checkpoint) unless `fresh_decoder`.
 
     transformers' own load report is replaced by that line: it would list every decoder tensor as
     missing and call a checkpoint without an MLM head corrupted. An encoder tensor the checkpoint
@@ -97,7 +98,9 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
     family = encoder_type(name)
     attention = attention_implementations(attn_implementation, encoder_config_dict(checkpoint_config(name)))
     with quiet_loading(), loading("--model", name):
-        model, info = RetroMAEForPreTraining.from_pretrained(name, attn_implementation=attention, output_loading_info=True, **settings)
+        model, info = RetroMAEForPreTraining.from_pretrained(
+            name, attn_implementation=attention, output_loading_info=True, fresh_decoder=fresh_decoder, **settings
+        )
     base = f"encoder.{model.encoder.base_model_prefix}."
     missing = set(info["missing_keys"])
     missing_encoder = sorted(key.removeprefix("encoder.") for key in missing if key.startswith(base))
@@ -108,7 +111,7 @@ def load_base_model(name: str, attn_implementation: str, settings: dict) -> Retr
         )
     model.fresh_parts = [part for part, prefix in (("decoder", "decoder."), ("head", "encoder.")) if any(k.startswith(prefix) for k in missing)]
     if os.environ.get("RANK", "0") == "0":
-        print(load_summary(name, family, model.fresh_parts, info["unexpected_keys"]))
+        print(load_summary(name, family, model.fresh_parts, info["unexpected_keys"], fresh_decoder))
     return model
 
 
@@ -168,11 +171,17 @@ def attention_implementations(requested: str, encoder: dict) -> dict[str, str]:
     return {"": "eager" if requested == "eager" else "sdpa", "encoder": requested}
 
 
-def load_summary(name: str, family: str, fresh: list[str], unexpected: list[str]) -> str:
-    """One line: the checkpoint's family, that its encoder was carried over, which parts start fresh, what was left out."""
+def load_summary(name: str, family: str, fresh: list[str], unexpected: list[str], fresh_decoder: bool = False) -> str:
+    """One line: the checkpoint's family, that its encoder was carried over, where the decoder comes from, what else starts fresh, what was left out."""
+    decoder = (
+        "; decoder initialised afresh (--fresh-decoder)" if fresh_decoder
+        else f"; {FRESH_PARTS['decoder']} initialised afresh" if "decoder" in fresh
+        else "; decoder from the checkpoint, continued"
+    )
     return (
         f"Loaded {name} ({family}): encoder from the checkpoint"
-        + "".join(f"; {FRESH_PARTS[part]} initialised afresh" for part in fresh)
+        + decoder
+        + "".join(f"; {FRESH_PARTS[part]} initialised afresh" for part in fresh if part != "decoder")
         + (f"; ignored {len(unexpected)} tensors it has and RetroMAE does not use" if unexpected else "")
         + "."
     )

@@ -13,18 +13,17 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
-from transformers.utils import logging as transformers_logging
 
 from .configuration_retromae import RETROMAE_FIELDS
 from .errors import is_hub_id
-from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, encoder_family
+from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, decoder_part, encoder_family, quiet_loading, read_release_parts
 
 
 PRETRAINING_FILE = "retromae_pretraining.json"
@@ -48,13 +47,17 @@ def public_name(name: str) -> str:
 
 
 def write_model_files(
-    folder: Path, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pretraining: dict | None = None
+    folder: Path,
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pretraining: dict | None = None,
+    decoder: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """
-    The encoder (release layout), its tokenizer and, where there is one, the record of its pre-training,
-    whose `max_seq_length` (a run's, `release_max_seq_length`) is where sentence-transformers truncates.
+    The encoder (release layout) with the decoder where one is given, its tokenizer and, where there is one, the record
+    of its pre-training, whose `max_seq_length` (a run's, `release_max_seq_length`) is where sentence-transformers truncates.
     """
-    encoder.save_pretrained(folder, max_seq_length=(pretraining or {}).get("max_seq_length"))
+    encoder.save_pretrained(folder, max_seq_length=(pretraining or {}).get("max_seq_length"), decoder=decoder)
     tokenizer.save_pretrained(folder)
     write_pretraining_record(folder, pretraining)
 
@@ -110,6 +113,14 @@ def load_encoder(source: str | os.PathLike, with_mlm_head: bool = True) -> PreTr
         return (masked_lm if with_mlm_head else model).from_pretrained(source).eval()
 
 
+def source_decoder(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The decoder a model folder carries (a release's or a pre-training checkpoint's), named as in `RetroMAEForPreTraining`; none where it has none."""
+    if folder_model_type(source) == "retromae":
+        with quiet_loading():
+            return RetroMAEForPreTraining.from_pretrained(source).decoder_weights()
+    return {f"decoder.{key}": tensor for key, tensor in decoder_part(read_release_parts(source)).items()}
+
+
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:
     """Run `write(temporary_folder)`, then swap the result in for `folder` by renaming."""
     folder = Path(folder)
@@ -159,14 +170,3 @@ def safetensors_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         with safe_open(file, framework="pt") as weights:
             shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
     return shapes
-
-
-@contextmanager
-def quiet_loading():
-    """Hold back transformers' warnings (its load report among them) where the caller says itself what loading did."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)

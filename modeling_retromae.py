@@ -57,6 +57,7 @@ The file, top to bottom:
 This file is Hub remote code: it imports only torch, transformers and the configuration next to it.
 """
 
+import contextlib
 import copy
 import importlib.metadata
 import inspect
@@ -66,6 +67,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from safetensors.torch import load_file, save_file
 import torch
 import torch.nn.functional as F
 import transformers
@@ -93,6 +95,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.activations import gelu
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -105,12 +108,17 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     eager_attention_forward,
 )
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, cached_file
+from transformers.utils import logging as transformers_logging
 
 from .configuration_retromae import RETROMAE_FIELDS, RetroMAEConfig, release_config_dict
 
 
+logger = transformers_logging.get_logger(__name__)
+
 IGNORE_INDEX = -100
+# Beside a release's encoder: what pre-training trains with it (the MLM head, the decoder), as `RetroMAEForPreTraining` names them.
+RELEASE_PARTS_FILE = "retromae_parts.safetensors"
 # The keyword arguments of `from_pretrained` that say where a checkpoint's config.json is found.
 HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # The decoder layer is BERT's, as wide as the encoder: these BertConfig fields are read from the encoder's config.
@@ -694,10 +702,14 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         super().__init__(config)
         self.family = encoder_family(config.encoder.model_type)
         self.encoder = encoder if encoder is not None else AutoModelForMaskedLM.from_config(config.encoder)
-        rotary_base = self.family.rotary_base(config.encoder) if self.family.rotary else None
-        self.decoder = RetroMAEDecoder(decoder_config(config), config.num_decoder_layers, rotary_base)
+        self.decoder = self.new_decoder()
         self.register_load_state_dict_pre_hook(rename_legacy_keys)
         self.post_init()
+
+    def new_decoder(self) -> "RetroMAEDecoder":
+        """A decoder as the config describes it, as wide as the encoder, its positions rotary where the encoder's are."""
+        rotary_base = self.family.rotary_base(self.config.encoder) if self.family.rotary else None
+        return RetroMAEDecoder(decoder_config(self.config), self.config.num_decoder_layers, rotary_base)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -707,35 +719,79 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         A RetroMAE checkpoint (this version's, or an earlier one with BERT at the top level) loads
         whole. A checkpoint of a supported family (its `...ForMaskedLM` or base-model layout) is read
         by the family's own `AutoModelForMaskedLM`: its encoder (and MLM head, where it has one)
-        is carried over and the decoder starts fresh. RetroMAE's settings (`encoder_mask_ratio`,
-        ...) may be passed as keyword arguments. With `output_loading_info=True`, the missing keys
-        are named as in this model (`encoder.` + the family's key; the decoder's).
+        is carried over, and the decoder too where it is a release of this package that keeps one;
+        otherwise the decoder starts fresh, as it does with `fresh_decoder=True`. RetroMAE's settings
+        (`encoder_mask_ratio`, ...) may be passed as keyword arguments. With `output_loading_info=True`,
+        the missing keys are named as in this model (`encoder.` + the family's key; the decoder's).
         """
         config = kwargs.get("config")
         hub = {key: kwargs[key] for key in HUB_ARGUMENTS if key in kwargs}
         model_type = config.model_type if config is not None else PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)[0].get("model_type")
         if model_type in ENCODER_FAMILIES:
             return cls.from_encoder_checkpoint(pretrained_model_name_or_path, *args, **kwargs)
+        fresh_decoder = kwargs.pop("fresh_decoder", False)
         legacy = {f"^{re.escape(old)}": new for old, new in cls.LEGACY_PREFIXES.items()}
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **({"key_mapping": legacy} | kwargs))
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **({"key_mapping": legacy} | kwargs))
+        if fresh_decoder:
+            model, info = loaded if isinstance(loaded, tuple) else (loaded, {"missing_keys": set()})
+            model.decoder = model.new_decoder().to(model.device)
+            model.decoder.apply(model._init_weights)
+            info["missing_keys"] = set(info["missing_keys"]) | {f"decoder.{key}" for key in model.decoder.state_dict()}
+        return loaded
 
     @classmethod
-    def from_encoder_checkpoint(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
-        """The family's masked-LM model from its checkpoint as the encoder, with a fresh decoder (see `from_pretrained`)."""
+    def from_encoder_checkpoint(
+        cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, fresh_decoder: bool = False, **kwargs
+    ):
+        """
+        The family's masked-LM model from its checkpoint as the encoder (see `from_pretrained`).
+
+        A release's MLM head and decoder (its `RELEASE_PARTS_FILE`) are carried over, so that
+        pre-training continues where the release left it; the decoder starts fresh where the
+        checkpoint has none, or with `fresh_decoder=True`.
+        """
         settings = {name: kwargs.pop(name) for name in RETROMAE_FIELDS if name in kwargs}
         attention = kwargs.pop("attn_implementation", None)
         # One kernel for both, or {"": the decoder's, "encoder": the encoder's} as `_from_config` takes it.
         parts = attention if isinstance(attention, dict) else {"": attention}
-        encoder, info = AutoModelForMaskedLM.from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, attn_implementation=parts.get("encoder", parts.get("")), **kwargs
-        )
+        released = read_release_parts(pretrained_model_name_or_path, **{key: kwargs[key] for key in HUB_ARGUMENTS if key in kwargs})
+        with quiet_loading() if released else contextlib.nullcontext():  # the head it would call missing is filled below
+            encoder, info = AutoModelForMaskedLM.from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, attn_implementation=parts.get("encoder", parts.get("")), **kwargs
+            )
+        head, decoder = mlm_head_part(released), ({} if fresh_decoder else decoder_part(released))
+        encoder.load_state_dict(head, strict=False)
+        if decoder:
+            settings.setdefault("num_decoder_layers", getattr(encoder.config, "num_decoder_layers", 1))
         attention = {"": parts.get("") or encoder.config._attn_implementation, "encoder": encoder.config._attn_implementation}
         config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
         model = cls(config, encoder=encoder)
+        model.load_decoder(decoder, pretrained_model_name_or_path)
         if not output_loading_info:
             return model
-        decoder_keys = {f"decoder.{key}" for key in model.decoder.state_dict()}
-        return model, info | {"missing_keys": {f"encoder.{key}" for key in info["missing_keys"]} | decoder_keys}
+        fresh_decoder_keys = set() if decoder else {f"decoder.{key}" for key in model.decoder.state_dict()}
+        missing_encoder_keys = {f"encoder.{key}" for key in set(info["missing_keys"]) - set(head)}
+        unexpected = {key for key in info["unexpected_keys"] if "pooler." not in key}  # a release's (or BERT's) pooler: never trained here
+        return model, info | {"missing_keys": missing_encoder_keys | fresh_decoder_keys, "unexpected_keys": unexpected}
+
+    def load_decoder(self, decoder: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+        """Take a release's decoder tensors (none: it stays as initialised); `ValueError` where they do not fit this encoder."""
+        if not decoder:
+            return
+        expected = {key: tuple(tensor.shape) for key, tensor in self.decoder.state_dict().items()}
+        given = {key: tuple(tensor.shape) for key, tensor in decoder.items()}
+        if given != expected:
+            wrong = sorted(set(given.items()) ^ set(expected.items()))[:2]
+            raise ValueError(
+                f"{source}: its decoder ({RELEASE_PARTS_FILE}) does not fit the encoder's decoder "
+                f"(first differences, name and shape: {wrong}); start the decoder fresh instead."
+            )
+        self.decoder.load_state_dict(decoder)
+
+    def decoder_weights(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The decoder's tensors, named as in this model, for a release: this model's own, or those of a gathered state dict `weights`."""
+        source = weights if weights is not None else self.state_dict()
+        return {name: tensor.contiguous() for name, tensor in source.items() if name.startswith("decoder.")}
 
     def get_input_embeddings(self):
         return self.encoder.get_input_embeddings()
@@ -1158,30 +1214,85 @@ class RetroMAEReleasedEncoder:
     """
     Saving writes what users are handed: a checkpoint of the encoder's family first, RetroMAE's code as an opt-in.
 
-    `save_pretrained` (and so `push_to_hub`) writes the weights, this code, the family's
-    config.json (its `model_type`, its own architecture) whose `auto_map` points the encoder
-    classes at this code, and the sentence-transformers files, so that `SentenceTransformer(folder)`
-    embeds with the first token as RetroMAE does, and the family's tools take the folder as it is.
-    A family added by `register_family` has no classes in this file: its releases hold no code and no `auto_map`.
+    `save_pretrained` (and so `push_to_hub`) writes, in `model.safetensors`, the family's base
+    model (`BertModel`, with the pooler the family builds), which `SentenceTransformer`, `AutoModel`
+    and the family's base class load as they are, without a load report; in `RELEASE_PARTS_FILE`
+    what pre-training trains beside it (the MLM head, and the decoder where one is given), which
+    the RetroMAE classes read back (`AutoModelForMaskedLM` with `trust_remote_code=True`,
+    `RetroMAEForPreTraining.from_pretrained`); this code; the family's config.json, whose
+    `auto_map` points the encoder classes at this code; and the sentence-transformers files, so
+    that `SentenceTransformer(folder)` embeds with the first token as RetroMAE does. A family added
+    by `register_family` has no classes in this file: its releases hold no code and no `auto_map`.
     `max_seq_length` is where sentence-transformers truncates inputs (as the positions allow where not given).
     """
 
-    family_architecture: str
-
     def save_pretrained(
-        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, max_seq_length: int | None = None, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        max_seq_length: int | None = None,
+        decoder: dict[str, torch.Tensor] | None = None,
+        **kwargs,
     ):
+        """`decoder`: the decoder's tensors (`RetroMAEForPreTraining.decoder_weights`), kept beside the MLM head."""
         upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        base = family_base_model(self)
+        base.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return
+        if self._auto_class is not None:
+            custom_object_save(self, save_directory, config=self.config)
         auto_map = release_auto_map(self.config.model_type)
         with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as file:
-            json.dump(release_config_dict(self.config, self.family_architecture, auto_map), file, indent=2, sort_keys=True)
+            json.dump(release_config_dict(self.config, type(base).__name__, auto_map), file, indent=2, sort_keys=True)
             file.write("\n")
         write_sentence_transformers_files(save_directory, self.config, max_seq_length)
+        parts = self.mlm_head_weights() | (decoder or {})
+        if parts:
+            save_file(parts, os.path.join(save_directory, RELEASE_PARTS_FILE), metadata={"format": "pt"})
         if push_to_hub:
             self.push_to_hub(upload.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **upload)
+
+    def mlm_head_weights(self) -> dict[str, torch.Tensor]:
+        """The MLM head's own tensors, named as in `RetroMAEForPreTraining` (none without a head)."""
+        return {}
+
+
+def family_base_model(encoder: PreTrainedModel) -> PreTrainedModel:
+    """
+    The encoder as its family's own base model (`BertModel`, ...), sharing its tensors: the weights of a release.
+
+    Where the family builds a pooler, it is there, as the family initialises it under a fixed
+    seed: RetroMAE never trains it (the sentence embedding is the first token's final state), but
+    every loader of the family expects it.
+    """
+    base_class = family_classes(encoder.config.model_type)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = base_class(encoder.config)
+    result = base.load_state_dict(encoder.base_model.state_dict(), strict=False, assign=True)
+    unfilled = [key for key in result.missing_keys if not key.startswith("pooler.")]
+    if unfilled or result.unexpected_keys:
+        raise ValueError(f"The encoder does not fit its family's {base_class.__name__}: {(unfilled + result.unexpected_keys)[:3]}.")
+    return base.eval()
+
+
+def read_release_parts(name: str | os.PathLike, **hub) -> dict[str, torch.Tensor]:
+    """The tensors of a release's `RELEASE_PARTS_FILE` (MLM head and decoder), or none where it has no such file."""
+    path = cached_file(str(name), RELEASE_PARTS_FILE, _raise_exceptions_for_missing_entries=False, **hub)
+    return load_file(path) if path else {}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hold back transformers' warnings (its load report among them) where the caller says itself what loading did."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def family_classes(model_type: str) -> tuple[type, type]:
@@ -1227,7 +1338,6 @@ class RetroMAEEncoderModel(RetroMAEReleasedEncoder):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         base = cls.__bases__[-1]
-        cls.family_architecture = base.__name__
         cls._keys_to_ignore_on_load_unexpected = [rf"^(?!{base.base_model_prefix}\.)", r"pooler\."]
 
         def forward(self, *args, **kwargs):
@@ -1268,12 +1378,38 @@ class RetroMAEEncoderForMaskedLM(RetroMAEReleasedEncoder):
     _auto_class = "AutoModelForMaskedLM"
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.layers\.", r"pooler\."]
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.family_architecture = cls.__bases__[-1].__name__
-
     def __init__(self, config: PreTrainedConfig, **kwargs):
         super().__init__(family_config(config, self.config_class.model_type), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """The family's checkpoint; a release's MLM head, kept in its `RELEASE_PARTS_FILE`, is read from there."""
+        head = mlm_head_part(read_release_parts(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_ARGUMENTS if k in kwargs}))
+        if not head:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        with quiet_loading():  # its report would call the head missing: it is filled below
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model.load_state_dict(head, strict=False)
+        info["missing_keys"] = set(info["missing_keys"]) - set(head)
+        if info["missing_keys"] or info["unexpected_keys"]:
+            logger.warning(f"{pretrained_model_name_or_path}: missing {sorted(info['missing_keys'])}, unexpected {sorted(info['unexpected_keys'])}.")
+        return (model, info) if wants_info else model
+
+    def mlm_head_weights(self) -> dict[str, torch.Tensor]:
+        """The MLM head's own tensors (not the word embeddings it is tied to), named as in `RetroMAEForPreTraining`."""
+        prefix, tied = f"{self.base_model_prefix}.", self.get_input_embeddings().weight.data_ptr()
+        return {f"encoder.{key}": tensor.clone() for key, tensor in self.state_dict().items() if not key.startswith(prefix) and tensor.data_ptr() != tied}
+
+
+def mlm_head_part(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MLM head's tensors of a release's parts, named as in the family's `...ForMaskedLM`."""
+    return {key.removeprefix("encoder."): tensor for key, tensor in parts.items() if key.startswith("encoder.")}
+
+
+def decoder_part(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder's tensors of a release's parts, named as in `RetroMAEDecoder`."""
+    return {key.removeprefix("decoder."): tensor for key, tensor in parts.items() if key.startswith("decoder.")}
 
 
 # The encoder classes of the families of `ENCODER_FAMILIES`, the names a release's `auto_map` gives.

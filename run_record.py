@@ -85,15 +85,17 @@ def release_encoder(
     evaluations: list[dict] = (),
 ) -> None:
     """
-    Save the encoder and its MLM head, without the decoder (as in the paper), as the user-facing
-    model folder; from `weights` (the whole model's, gathered from the shards) where given; with the
-    picture of the held-out evaluations where there are any. Weights that are not finite are refused.
+    Save the encoder, its MLM head and the decoder (kept beside the encoder, so that pre-training can
+    continue from the release) as the user-facing model folder; from `weights` (the whole model's,
+    gathered from the shards) where given; with the picture of the held-out evaluations where there
+    are any. Weights that are not finite are refused.
     """
     encoder = model.released_encoder(weights=weights)
     check_finite_weights(encoder)
+    decoder = model.decoder_weights(weights)
 
     def write(path: Path) -> None:
-        write_model_files(path, encoder, tokenizer, summary)
+        write_model_files(path, encoder, tokenizer, summary, decoder)
         if evaluations:
             draw_training_curves(evaluations, path / CURVES_FILE)
 

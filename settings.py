@@ -74,6 +74,7 @@ class PretrainingSettings:
 
     # Model and data.
     model: str | None = None
+    fresh_decoder: bool = False
     config: str | None = None
     tokenizer: str | None = None
     train_data: str | None = None
@@ -188,6 +189,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Checkpoint (folder or Hub id) to start from: a masked-LM encoder of the families "
         f"{', '.join(ENCODER_FAMILIES)} (its ...ForMaskedLM or base-model layout), or a RetroMAE pre-training "
         "checkpoint. Default: the all-MiniLM-L6-v2 weights of the demo extra.",
+    )
+    source.add_argument(
+        "--fresh-decoder",
+        action="store_true",
+        help="Start the decoder anew even where --model carries one (a release of this package, a pre-training checkpoint): "
+        "by default pre-training continues with it, and starts it fresh only from a checkpoint without one.",
     )
     source.add_argument("--config", choices=sorted(SIZES), help="Start from a fresh model of this size instead of --model.")
     source.add_argument(
@@ -428,6 +435,8 @@ def resolved(settings: PretrainingSettings, resumed: dict | None = None) -> Pret
     if values["eval_steps"] is None and (values["eval_data"] is not None or values["eval_split"] is not None):
         values["eval_steps"] = values["save_steps"]
     if values["model"] is None and values["config"] is None:
+        if values["fresh_decoder"]:
+            raise UsageError("--fresh-decoder needs --model: the checkpoint whose decoder it starts anew.")
         values["model"] = demo_model_path()
     for name in RETROMAE_SETTINGS:
         if values[name] is None:
@@ -476,6 +485,9 @@ def check(settings: PretrainingSettings) -> None:
     """Refuse settings that contradict one another, before anything is loaded or written."""
     if settings.model and settings.config:
         raise UsageError("Give --model or --config, not both.")
+    if settings.fresh_decoder and (settings.config or settings.resume):
+        start = "--config starts the whole model fresh" if settings.config else "--resume continues its checkpoint's decoder"
+        raise UsageError(f"--fresh-decoder needs --model, the checkpoint whose decoder it starts anew; {start}.")
     if settings.bow_loss_weight is not None and settings.objective != "dupmae":
         raise UsageError(f"--bow-loss-weight applies to --objective dupmae only; this run's --objective is {settings.objective}.")
     if settings.bow_loss_weight is not None and not 0 <= settings.bow_loss_weight < math.inf:

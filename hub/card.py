@@ -16,7 +16,7 @@ from ..citations import citations
 from ..diagnostics import LABELS
 from ..errors import UsageError, is_hub_id
 from ..model_folder import public_name
-from ..modeling_retromae import builds_pooler
+from ..modeling_retromae import RELEASE_PARTS_FILE
 
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
@@ -63,11 +63,12 @@ def model_card(
     template: str | Path = TEMPLATE,
     encoder: dict | None = None,
     sparse: bool = False,
+    decoder: bool = False,
 ) -> ModelCard:
     """
     The card of `repo_id`, from the run's settings (`retromae_pretraining.json`), `retromae evaluate`
     reports and the encoder's config (its family; BERT where it is not given); with `sparse`, the
-    card of the SPLADE model made from the encoder's MLM head.
+    card of the SPLADE model made from the encoder's MLM head; `decoder` says whether the release keeps its decoder.
     """
     encoder = encoder or {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
     pretraining = public_record(pretraining or {})
@@ -96,7 +97,7 @@ def model_card(
         "sparse": sparse,
         "model_type": encoder["model_type"],
         "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
-        "model_arguments": ", add_pooling_layer=False" if builds_pooler(encoder["model_type"]) else "",
+        "parts_sentence": parts_sentence(repo_id, decoder),
     }
     check_template_fields(Path(template), fields)
     card = ModelCard.from_template(data, template_path=str(template), **fields)
@@ -233,3 +234,16 @@ def check_card(content: str) -> None:
             raise CardError(f"The model card's metadata has no {key}.")
     if metadata.get("model-index"):
         model_index_to_eval_results(metadata["model-index"])
+
+
+def parts_sentence(repo_id: str, decoder: bool) -> str:
+    """What the release keeps beside the encoder (`retromae_parts.safetensors`), and what it is for."""
+    continued = (
+        f"and the trained decoder: `retromae pretrain --model {repo_id}` continues pre-training with both (on a corpus of your domain, say)"
+        if decoder
+        else "but not the decoder, which was left out of this release: pre-training continued from it starts a fresh decoder"
+    )
+    return (
+        f"Beside the encoder, `{RELEASE_PARTS_FILE}` keeps what pre-training trained with it: the MLM head, {continued}. "
+        f'`AutoModelForMaskedLM.from_pretrained("{repo_id}", trust_remote_code=True)` gives the encoder with its MLM head (fill-mask).'
+    )

@@ -23,6 +23,7 @@ from ..model_folder import (
     public_name,
     quiet_loading,
     save_atomically,
+    source_decoder,
     write_model_files,
 )
 from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS, write_sentence_transformers_files
@@ -42,7 +43,9 @@ def convert(source: str, destination: str | Path) -> bool:
     """
     model, tokenizer, has_mlm_head = load_masked_lm(source)
     record = conversion_record(source)
-    save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record))
+    with loading("SRC", source):
+        decoder = source_decoder(source)  # a pre-training checkpoint's, or a release's: pre-training can continue from the folder
+    save_atomically(Path(destination), lambda folder: write_model_files(folder, model, tokenizer, record, decoder))
     check_same_encoder(str(destination), model.base_model, tokenizer)
     return has_mlm_head
 

@@ -14,6 +14,7 @@ The dense and the sparse model of one run are two repositories (ORG/NAME and ORG
 since a repository has one sentence-transformers pipeline: each then loads with no flag and no subfolder.
 """
 
+import functools
 import json
 import shutil
 import tempfile
@@ -35,10 +36,11 @@ from ..model_folder import (
     quiet_loading,
     safetensors_shapes,
     save_atomically,
+    source_decoder,
     write_model_files,
     write_pretraining_record,
 )
-from ..modeling_retromae import ENCODER_FAMILIES, RELEASED_ENCODERS
+from ..modeling_retromae import ENCODER_FAMILIES, RELEASE_PARTS_FILE, RELEASED_ENCODERS
 from ..sentence_transformer import load_sentence_transformer
 from ..sparse_encoder import is_sparse_folder, splade_embedding
 from .card import TEMPLATE, model_card, public_record
@@ -69,8 +71,12 @@ def release(
     template: str | Path = TEMPLATE,
     commit_message: str | None = None,
     api: HfApi | None = None,
+    decoder: bool = True,
 ) -> str:
-    """Assemble, check and upload `model_dir` as `repo_id`; the commit URL, or the folder with `dry_run`."""
+    """
+    Assemble, check and upload `model_dir` as `repo_id`; the commit URL, or the folder with `dry_run`.
+    The decoder the folder carries goes with it (so that pre-training can continue from the release) unless `decoder=False`.
+    """
     check_repo_id(repo_id)
     source = check_model_folder(Path(model_dir))
     pretraining_file = source / PRETRAINING_FILE
@@ -79,8 +85,11 @@ def release(
         pretraining["training_evaluation"] = pretraining["training_evaluation"] | {"picture": None}  # the folder lost its picture
     encoder = encoder_config_dict(json.loads((source / "config.json").read_text()))
     sparse = is_sparse_folder(source)
-    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse)
-    write, check = (assemble_sparse, check_sparse_release) if sparse else (assemble, check_release)
+    with loading("MODEL_DIR", str(source)):
+        decoder_weights = source_decoder(source) if decoder and not sparse else {}
+    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse, decoder=bool(decoder_weights))
+    write = assemble_sparse if sparse else functools.partial(assemble, decoder=decoder_weights)
+    check = check_sparse_release if sparse else check_release
     token = None if dry_run or api else login_token()
     if dry_run:
         folder = Path(dry_run)
@@ -138,10 +147,10 @@ def login_token() -> str:
     return token
 
 
-def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) -> None:
-    """Write the repository: the source's encoder in the release layout, its tokenizer, record and pipeline, the card."""
+def assemble(source: Path, folder: Path, card: str, pretraining: dict | None, decoder: dict | None = None) -> None:
+    """Write the repository: the source's encoder in the release layout (with `decoder`), its tokenizer, record and pipeline, the card."""
     encoder = load_encoder(source, with_mlm_head=has_mlm_head(source))
-    write_model_files(folder, encoder, AutoTokenizer.from_pretrained(source), pretraining)
+    write_model_files(folder, encoder, AutoTokenizer.from_pretrained(source), pretraining, decoder)
     if (source / "modules.json").is_file():
         copy_sentence_transformers_pipeline(source, folder)
     if (source / CURVES_FILE).is_file():
@@ -150,9 +159,9 @@ def assemble(source: Path, folder: Path, card: str, pretraining: dict | None) ->
 
 
 def has_mlm_head(source: Path) -> bool:
-    """Whether the folder holds the `...ForMaskedLM` layout (base model under its prefix, and a head); a pre-training checkpoint does."""
+    """Whether the folder holds an MLM head: a release keeps it beside the encoder, a `...ForMaskedLM` checkpoint and a pre-training one in their weights."""
     config = json.loads((source / "config.json").read_text())
-    if config.get("model_type") == "retromae":
+    if config.get("model_type") == "retromae" or (source / RELEASE_PARTS_FILE).is_file():
         return True
     prefix = RELEASED_ENCODERS[config["model_type"]][0].base_model_prefix + "."
     keys = safetensors_shapes(source)
@@ -173,7 +182,7 @@ def check_release(folder: Path, source: Path) -> None:
     """Load the assembled repository the ways users will, and compare its embeddings with the source's."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad(), quiet_loading():  # a family's base model reports the MLM head as unused
+    with torch.no_grad(), quiet_loading():  # a source in an earlier layout is reported on as it loads
         released = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()(**inputs).sentence_embedding
         original = load_encoder(source, with_mlm_head=False)(**inputs).sentence_embedding
         compare("AutoModel", released, original)

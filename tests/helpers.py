@@ -154,6 +154,8 @@ def assert_same_loss_and_gradients(plain, other, batch, atol, other_forward=None
 
 
 ROUTES_SCRIPT = Path(__file__).with_name("load_every_route.py")
+# transformers' notice on every first download of remote code, whoever wrote it; it names the code files.
+REMOTE_CODE_NOTICE = "A new version of the following files was downloaded"
 REPO_ID = "org/tiny-retromae"
 COMMIT = "c" * 40
 

@@ -25,7 +25,7 @@ from retromae.modeling_retromae import RELEASED_ENCODERS, EnhancedDecodingMask, 
 
 from conftest import TEXTS, decoder_mask, write_legacy_checkpoint
 from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer, tiny_config, tiny_family
-from helpers import REPO_ID, CrashAfter, load_every_route, run_pretraining
+from helpers import REMOTE_CODE_NOTICE, REPO_ID, CrashAfter, load_every_route, run_pretraining
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_pretraining_releases_a_checkpoint_of_the_family_that_loads_by_every_rou
     model_dir = tmp_path / "run" / "model"
     base, masked_lm = family_classes(family)
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model_type"] == family and config["architectures"] == [masked_lm]
+    assert config["model_type"] == family and config["architectures"] == [base]
 
     folder = Path(release(model_dir, REPO_ID, dry_run=tmp_path / "release"))
     routes = load_every_route(folder, tmp_path)
@@ -90,6 +90,9 @@ def test_pretraining_releases_a_checkpoint_of_the_family_that_loads_by_every_rou
         if route != "AutoTokenizer":
             torch.testing.assert_close(torch.tensor(result["embedding"]), truncated if route == "SentenceTransformer" else expected, atol=1e-5, rtol=0, msg=route)
         assert not any("to instantiate a model of type" in warning for warning in result["warnings"]), (route, result["warnings"])
+    for route in ("SentenceTransformer", "AutoModel", base, "AutoModel(trust_remote_code=True)", "AutoModelForMaskedLM(trust_remote_code=True)"):
+        said = [warning for warning in routes[route]["warnings"] if not warning.startswith(REMOTE_CODE_NOTICE)]
+        assert said == [], (route, said)  # no load report: the release holds what each of them builds
 
 
 @pytest.mark.parametrize("layout", ["masked_lm", "base"])
@@ -172,7 +175,7 @@ def test_a_registered_family_releases_a_checkpoint_of_its_own_without_remote_cod
     model = RetroMAEForPreTraining(RetroMAEConfig(encoder=tiny_config("mpnet", 100)))
     model.released_encoder().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "mpnet" and config["architectures"] == ["MPNetForMaskedLM"] and "auto_map" not in config
+    assert config["model_type"] == "mpnet" and config["architectures"] == ["MPNetModel"] and "auto_map" not in config
     assert not list(tmp_path.glob("*.py"))
     assert type(load_encoder(tmp_path, with_mlm_head=False)).__name__ == "RetroMAEMPNetModel"
 

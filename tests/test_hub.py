@@ -16,7 +16,7 @@ import pytrec_eval
 import torch
 from huggingface_hub import ModelCard
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, BertForMaskedLM, BertModel
+from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
 from retromae import RetroMAEForPreTraining
 from retromae import evaluate as evaluate_module
@@ -36,6 +36,7 @@ EXPECTED_FILES = {
     "configuration_retromae.py",
     "modeling_retromae.py",
     "model.safetensors",
+    "retromae_parts.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "modules.json",
@@ -81,7 +82,7 @@ def test_dry_run_assembles_a_complete_checked_repository(model_dir, tmp_path, to
     assert metadata["library_name"] == "sentence-transformers" and metadata["language"] == "en"
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"ndcg_at_10": 0.61, "mrr_at_10": 0.57, "recall_at_100": 0.9}
-    for text in ("| encoder mask ratio | 0.3 |", "| optimiser steps | 7 |", "scifact", "xiao2022retromae", 'AutoModel.from_pretrained("org/tiny-retromae"', "BertForMaskedLM"):
+    for text in ("| encoder mask ratio | 0.3 |", "| optimiser steps | 7 |", "scifact", "xiao2022retromae", 'AutoModel.from_pretrained("org/tiny-retromae"', "BertModel", "retromae_parts.safetensors", "`retromae pretrain --model org/tiny-retromae` continues"):
         assert text in card.text
 
     source = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
@@ -291,7 +292,7 @@ def test_convert_keeps_a_bert_for_masked_lm_and_exports_back_to_plain_bert(tmp_p
     assert type(converted).__name__ == "RetroMAEModel"
     expected = cls_embeddings(bert.bert, tokenizer)
     assert torch.equal(cls_embeddings(converted, tokenizer), expected)
-    head = BertForMaskedLM.from_pretrained(tmp_path / "converted").cls.predictions.transform.dense.weight
+    head = AutoModelForMaskedLM.from_pretrained(tmp_path / "converted", trust_remote_code=True).cls.predictions.transform.dense.weight
     assert torch.equal(head, bert.cls.predictions.transform.dense.weight)
     assert files_in(Path(release(tmp_path / "converted", "org/converted", dry_run=tmp_path / "repo"))) == EXPECTED_FILES
 
@@ -300,6 +301,8 @@ def test_convert_keeps_a_bert_for_masked_lm_and_exports_back_to_plain_bert(tmp_p
     assert config["model_type"] == "bert" and "auto_map" not in config
     assert not list((tmp_path / "plain").glob("*.py"))
     assert torch.equal(cls_embeddings(BertModel.from_pretrained(tmp_path / "plain", add_pooling_layer=False), tokenizer), expected)
+    plain_head = BertForMaskedLM.from_pretrained(tmp_path / "plain").cls.predictions.transform.dense.weight  # the head, with no remote code
+    assert torch.equal(plain_head, bert.cls.predictions.transform.dense.weight)
 
 
 def test_convert_real_minilm_weights_gives_identical_encoder_outputs(tmp_path, tokenizer):
