@@ -748,7 +748,8 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
 
         A release's MLM head and decoder (its `RELEASE_PARTS_FILE`) are carried over, so that
         pre-training continues where the release left it; the decoder starts fresh where the
-        checkpoint has none, or with `fresh_decoder=True`.
+        checkpoint has none, or with `fresh_decoder=True`. RetroMAE's settings are those given, else
+        those the release was pre-trained with, else RetroMAE's own.
         """
         settings = {name: kwargs.pop(name) for name in RETROMAE_FIELDS if name in kwargs}
         attention = kwargs.pop("attn_implementation", None)
@@ -761,8 +762,8 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
             )
         head, decoder = mlm_head_part(released), ({} if fresh_decoder else decoder_part(released))
         encoder.load_state_dict(head, strict=False)
-        if decoder:
-            settings.setdefault("num_decoder_layers", getattr(encoder.config, "num_decoder_layers", 1))
+        # A release's config keeps the settings it was pre-trained with: they are the defaults of its continuation.
+        settings = {name: getattr(encoder.config, name) for name in RETROMAE_FIELDS if hasattr(encoder.config, name)} | settings
         attention = {"": parts.get("") or encoder.config._attn_implementation, "encoder": encoder.config._attn_implementation}
         config = RetroMAEConfig(encoder=encoder.config, attn_implementation=attention, **settings)
         model = cls(config, encoder=encoder)
@@ -781,10 +782,11 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         expected = {key: tuple(tensor.shape) for key, tensor in self.decoder.state_dict().items()}
         given = {key: tuple(tensor.shape) for key, tensor in decoder.items()}
         if given != expected:
-            wrong = sorted(set(given.items()) ^ set(expected.items()))[:2]
+            key = next(key for key in sorted(given.keys() | expected.keys()) if given.get(key) != expected.get(key))
             raise ValueError(
-                f"{source}: its decoder ({RELEASE_PARTS_FILE}) does not fit the encoder's decoder "
-                f"(first differences, name and shape: {wrong}); start the decoder fresh instead."
+                f"The decoder kept in {source} ({RELEASE_PARTS_FILE}) does not fit this encoder's: its {key} is "
+                f"{given.get(key, 'missing')}, this model's {expected.get(key, 'absent')}; start the decoder afresh "
+                "(`fresh_decoder=True`, `retromae pretrain --fresh-decoder`)."
             )
         self.decoder.load_state_dict(decoder)
 
