@@ -64,11 +64,13 @@ def model_card(
     encoder: dict | None = None,
     sparse: bool = False,
     decoder: bool = False,
+    source: str | Path | None = None,
 ) -> ModelCard:
     """
     The card of `repo_id`, from the run's settings (`retromae_pretraining.json`), `retromae evaluate`
     reports and the encoder's config (its family; BERT where it is not given); with `sparse`, the
-    card of the SPLADE model made from the encoder's MLM head; `decoder` says whether the release keeps its decoder.
+    card of the SPLADE model made from the encoder's MLM head; `decoder` says whether the release keeps its decoder;
+    `source` is the folder released, which a report of it names ("this model").
     """
     encoder = encoder or {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
     pretraining = public_record(pretraining or {})
@@ -89,7 +91,7 @@ def model_card(
         "model_name": repo_id.split("/")[-1],
         "base_model_sentence": f"It starts from [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
         "pretraining_table": pretraining_table(pretraining),
-        "evaluation_table": evaluation_table(evaluations, sparse),
+        "evaluation_table": evaluation_table(evaluations, sparse, source),
         "training_evaluation": training_evaluation_section(pretraining.get("training_evaluation")),
         "truncation_sentence": truncation_sentence(pretraining.get("max_seq_length")),
         "fresh_head_warning": fresh_head_warning(pretraining) if sparse else "",
@@ -142,12 +144,13 @@ def pretraining_table(pretraining: dict) -> str:
     return "\n".join(["| setting | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in rows)])
 
 
-def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
+def evaluation_table(evaluations: list[dict], sparse: bool = False, source: str | Path | None = None) -> str:
+    """The `retromae evaluate` reports, a row each: this model's, and any other's (the model it started from, say) for comparison."""
     if not evaluations:
         return "No evaluation was given with this release (`retromae evaluate` writes one)."
-    header = ["| data | split | queries | documents | " + " | ".join(METRIC_NAMES.values()) + " |", "|---|---|---|---|---|---|---|"]
+    header = ["| model | data | split | queries | documents | " + " | ".join(METRIC_NAMES.values()) + " |", "|---|---|---|---|---|---|---|---|"]
     rows = [
-        f"| {Path(r['data']).name} | {r.get('split', 'test')} | {r.get('queries', '')} | {r.get('documents', '')} | "
+        f"| {evaluated_model(r, source)} | {Path(r['data']).name} | {r.get('split', 'test')} | {r.get('queries', '')} | {r.get('documents', '')} | "
         + " | ".join(f"{float(r[m]):.4f}" for m in METRIC_NAMES)
         + " |"
         for r in evaluations
@@ -159,6 +162,16 @@ def evaluation_table(evaluations: list[dict], sparse: bool = False) -> str:
         "the ranking (through `pytrec_eval`), as BEIR and MTEB do (`retromae evaluate`)."
     )
     return "\n".join(header + rows) + note
+
+
+def evaluated_model(report: dict, source: str | Path | None) -> str:
+    """The model a report evaluated: "this model" where it is the folder released, else its public name."""
+    model = report.get("model")
+    if not model:
+        return "this model"
+    if source is not None and Path(model).expanduser().resolve() == Path(source).resolve():
+        return "this model"
+    return public_name(model)
 
 
 def training_evaluation_section(evaluation: dict | None) -> str:

@@ -87,7 +87,9 @@ def release(
     sparse = is_sparse_folder(source)
     with loading("MODEL_DIR", str(source)):
         decoder_weights = source_decoder(source) if decoder and not sparse else {}
-    card = model_card(repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse, decoder=bool(decoder_weights))
+    card = model_card(
+        repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse, decoder=bool(decoder_weights), source=source
+    )
     write = assemble_sparse if sparse else functools.partial(assemble, decoder=decoder_weights)
     check = check_sparse_release if sparse else check_release
     token = None if dry_run or api else login_token()
