@@ -168,11 +168,17 @@ def user_environment(cache: Path, tmp_path: Path) -> dict:
 
 def load_every_route(folder: Path, tmp_path: Path) -> dict:
     """Place `folder` in an offline Hub cache as REPO_ID and load it by every route in a fresh process."""
-    cache = tmp_path / f"hub-cache-{folder.name}"
-    place_in_hub_cache(cache, REPO_ID, {COMMIT: folder}, main=COMMIT)
+    return load_every_route_of({REPO_ID: folder}, tmp_path)[REPO_ID]
+
+
+def load_every_route_of(folders: dict[str, Path], tmp_path: Path) -> dict[str, dict]:
+    """Place each folder in one offline Hub cache under its repo id and load them all by every route in one fresh process."""
+    cache = tmp_path / f"hub-cache-{'-'.join(folder.name for folder in folders.values())}"
+    for repo_id, folder in folders.items():
+        place_in_hub_cache(cache, repo_id, {COMMIT: folder}, main=COMMIT)
     (tmp_path / "texts.json").write_text(json.dumps(TEXTS))
-    output = tmp_path / f"routes-{folder.name}.json"
-    command = [sys.executable, str(ROUTES_SCRIPT), REPO_ID, str(tmp_path / "texts.json"), str(output)]
+    output = tmp_path / f"routes-{cache.name}.json"
+    command = [sys.executable, str(ROUTES_SCRIPT), str(tmp_path / "texts.json"), str(output), *folders]
     result = subprocess.run(
         command, env=user_environment(cache, tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600
     )

@@ -1,9 +1,10 @@
 """Load a repository every way a Hub user does, in a process that never imports `retromae`.
 
-    python tests/load_every_route.py REPO_ID TEXTS_JSON OUTPUT_JSON
+    python tests/load_every_route.py TEXTS_JSON OUTPUT_JSON REPO_ID [REPO_ID ...]
 
-Writes, for every route, the class it gave, the first-token embedding of the texts and the
-warnings transformers logged while loading. The family's own classes (`BertModel`,
+Writes, for each repository and every route, the class it gave, the first-token embedding of the
+texts and the warnings transformers logged while loading (one process for several repositories:
+its start-up is most of the cost). The family's own classes (`BertModel`,
 `RobertaForMaskedLM`, ...) are those transformers maps the repository's model type to. Standard input is closed by the caller, so a route that
 stops to ask whether to trust remote code fails instead of waiting.
 """
@@ -36,6 +37,13 @@ def cls_state(model, inputs):
 def main(repo_id: str, texts: list[str]) -> dict:
     recorder = Recorder()
     transformers_logging.add_handler(recorder)
+    try:
+        return routes_of(repo_id, texts, recorder)
+    finally:
+        transformers_logging.remove_handler(recorder)
+
+
+def routes_of(repo_id: str, texts: list[str], recorder: Recorder) -> dict:
     transformers_logging.set_verbosity_warning()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     inputs = tokenizer(texts, padding=True, return_tensors="pt")
@@ -70,8 +78,9 @@ def main(repo_id: str, texts: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    repo, texts_file, output_file = sys.argv[1:]
+    texts_file, output_file, *repos = sys.argv[1:]
     with open(texts_file) as file:
-        result = main(repo, json.load(file))
+        texts = json.load(file)
+    result = {repo: main(repo, texts) for repo in repos}
     with open(output_file, "w") as file:
         json.dump(result, file)

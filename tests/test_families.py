@@ -5,6 +5,8 @@ a release of the family that loads by every route with no flag, an identical res
 loss, whole-word masking for its tokenizer kind, and the decoder's position rules.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -25,7 +27,7 @@ from retromae.modeling_retromae import RELEASED_ENCODERS, EnhancedDecodingMask, 
 
 from conftest import TEXTS, decoder_mask, write_legacy_checkpoint
 from families import CORPUS, FAMILIES, build_checkpoint, build_tokenizer, tiny_config, tiny_family
-from helpers import REMOTE_CODE_NOTICE, REPO_ID, CrashAfter, load_every_route, run_pretraining
+from helpers import REMOTE_CODE_NOTICE, CrashAfter, load_every_route_of, run_pretraining
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,18 +63,29 @@ def family_classes(family: str) -> tuple[str, str]:
     return MODEL_MAPPING[config_class].__name__, MODEL_FOR_MASKED_LM_MAPPING[config_class].__name__
 
 
+@pytest.fixture(scope="module")
+def family_releases(checkpoints, corpus, tmp_path_factory) -> dict[str, dict]:
+    """Every family pre-trained for 4 steps and released, then loaded by every route in one fresh process: what each run said, its folder, its routes."""
+    folder = tmp_path_factory.mktemp("family-releases")
+    runs, releases = {}, {}
+    for family in FAMILIES:
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            assert main(family_run(checkpoints / family, corpus, folder / family)) == 0
+        runs[family] = {"said": said.getvalue(), "model_dir": folder / family / "model"}
+        releases[f"org/tiny-{family}"] = Path(release(folder / family / "model", f"org/tiny-{family}", dry_run=folder / f"{family}-release"))
+    routes = load_every_route_of(releases, folder)
+    return {family: run | {"routes": routes[f"org/tiny-{family}"]} for family, run in runs.items()}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pretraining_releases_a_checkpoint_of_the_family_that_loads_by_every_route(family, checkpoints, corpus, tmp_path, capsys):
-    assert main(family_run(checkpoints / family, corpus, tmp_path / "run")) == 0
-    said = capsys.readouterr().out
+def test_pretraining_releases_a_checkpoint_of_the_family_that_loads_by_every_route(family, family_releases):
+    said, model_dir, routes = (family_releases[family][key] for key in ("said", "model_dir", "routes"))
     assert f"({family}): encoder from the checkpoint; the decoder (new in RetroMAE) initialised afresh." in said
-    model_dir = tmp_path / "run" / "model"
     base, masked_lm = family_classes(family)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == family and config["architectures"] == [base]
 
-    folder = Path(release(model_dir, REPO_ID, dry_run=tmp_path / "release"))
-    routes = load_every_route(folder, tmp_path)
     remote_model, remote_masked_lm = (f"RetroMAE{name}" for name in (base, masked_lm))
     if family == "bert":
         remote_model, remote_masked_lm = "RetroMAEModel", "RetroMAEForMaskedLM"
