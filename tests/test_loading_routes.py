@@ -198,16 +198,18 @@ def test_every_python_block_of_the_card_runs_as_written(model_dir, tmp_path):
     assert len(blocks) == 3
     cache = tmp_path / "card-cache"
     place_in_hub_cache(cache, REPO_ID, {COMMIT: folder}, main=COMMIT)
-    for block in blocks:
-        result = subprocess.run(
-            [sys.executable, "-c", block + "\nimport sys\nassert 'retromae' not in sys.modules\n"],
-            env=user_environment(cache, tmp_path),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, (block, result.stderr[-2000:])
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    # One process runs the blocks in turn, each in a namespace of its own, as a reader pastes them.
+    script = (
+        "import json, sys\n"
+        f"for number, block in enumerate(json.load(open({str(tmp_path / 'blocks.json')!r}))):\n"
+        "    exec(compile(block, f'card block {number}', 'exec'), {'__name__': '__main__'})\n"
+        "    assert 'retromae' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=user_environment(cache, tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_save_pretrained_with_push_to_hub_uploads_the_release_layout(model_dir, tmp_path, captured_hub):
