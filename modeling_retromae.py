@@ -1283,7 +1283,12 @@ def family_base_model(encoder: PreTrainedModel) -> PreTrainedModel:
 def read_release_parts(name: str | os.PathLike, **hub) -> dict[str, torch.Tensor]:
     """The tensors of a release's `RELEASE_PARTS_FILE` (MLM head and decoder), or none where it has no such file."""
     path = cached_file(str(name), RELEASE_PARTS_FILE, _raise_exceptions_for_missing_entries=False, **hub)
-    return load_file(path) if path else {}
+    if not path:
+        return {}
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' own error type has no common base with OSError
+        raise OSError(f"its {RELEASE_PARTS_FILE} is not a safetensors file ({error}).") from error
 
 
 @contextlib.contextmanager
