@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import TrainingArguments
+from transformers import PreTrainedConfig, TrainingArguments
 
 from .configuration_retromae import OBJECTIVES, RetroMAEConfig
 from .errors import UsageError, at_least, check_exists, loading, positive, retromae_setting, seed, steps
@@ -225,7 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Count and skip records that cannot be read (not UTF-8, not JSON, no string text) instead of stopping.",
     )
 
-    method = parser.add_argument_group("RetroMAE")
+    method = parser.add_argument_group(
+        "RetroMAE",
+        "A --model that is a release or checkpoint of this package keeps the settings it was pre-trained with: "
+        "a run that continues it takes them where these flags are not given, before the defaults below.",
+    )
     method.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -419,7 +423,8 @@ def resolved(settings: PretrainingSettings, resumed: dict | None = None) -> Pret
     """
     The settings with those left unset filled: a resumed run's from the run it continues (`resumed`,
     where a setting given that contradicts one that defines the run is refused), then the demo's on
-    the demo corpus, a full run's otherwise, then RetroMAE's own.
+    the demo corpus, a full run's otherwise, then those --model was pre-trained with (a release of
+    this package keeps them), then RetroMAE's own.
     """
     values = dataclasses.asdict(settings)
     take_resumed_settings(values, resumed or {})
@@ -438,12 +443,26 @@ def resolved(settings: PretrainingSettings, resumed: dict | None = None) -> Pret
         if values["fresh_decoder"]:
             raise UsageError("--fresh-decoder needs --model: the checkpoint whose decoder it starts anew.")
         values["model"] = demo_model_path()
+    continued = recorded_settings(values["model"]) if values["model"] else {}
     for name in RETROMAE_SETTINGS:
         if values[name] is None:
-            values[name] = getattr(RetroMAEConfig, name)
+            values[name] = continued.get(name, getattr(RetroMAEConfig, name))
     if values["objective"] == "dupmae" and values["bow_loss_weight"] is None:
-        values["bow_loss_weight"] = RetroMAEConfig.bow_loss_weight
+        values["bow_loss_weight"] = continued.get("bow_loss_weight", RetroMAEConfig.bow_loss_weight)
     return PretrainingSettings(**values)
+
+
+def recorded_settings(model: str) -> dict:
+    """
+    RetroMAE's settings that a release or pre-training checkpoint of this package keeps in its config.json:
+    a run that continues it takes them where not given. None for any other checkpoint, or one that cannot
+    be read (loading it says why).
+    """
+    try:
+        config = PreTrainedConfig.get_config_dict(model)[0]
+    except (OSError, ValueError):
+        return {}
+    return {name: config[name] for name in (*RETROMAE_SETTINGS, "bow_loss_weight") if name in config}
 
 
 def demo_model_path() -> str:

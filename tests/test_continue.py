@@ -1,5 +1,6 @@
 """Continuing pre-training from a release: its MLM head and decoder travel with it, and the decoder starts afresh on request."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,9 @@ def test_the_pretrain_command_continues_a_release(finished_run, tmp_path, capsys
     said = capsys.readouterr().out
     assert "decoder from the checkpoint, continued" in said
     assert (tmp_path / "continued" / "model" / PARTS).is_file()
+    started, continued = (json.loads((folder / "model" / "retromae_pretraining.json").read_text()) for folder in (finished_run, tmp_path / "continued"))
+    assert continued["objective"] == started["objective"]  # the release's settings are the continuation's defaults
+    assert (tmp_path / "continued" / "sparse").is_dir() == (started["objective"] == "dupmae")
 
 
 @pytest.mark.parametrize(
