@@ -4,6 +4,9 @@ As in the paper's fine-tuning: each query is pulled towards its positive passage
 the other passages of the batch (in-batch negatives) and from its mined hard negatives, with
 MultipleNegativesRankingLoss, or its cached variant (GradCache) for batches larger than memory.
 
+With `--mine-hard-negatives K`, K hard negatives per example are mined with the model before it trains
+(`mining.py`: the guards against false negatives, the mined set kept in OUTPUT_DIR and reused).
+
 With `--sparse` the model is a SPLADE one (`retromae convert --sparse`, a DupMAE run's OUTPUT_DIR/sparse)
 and the loss sentence-transformers' SpladeLoss: the same in-batch and hard negatives ranked by dot
 product (SparseMultipleNegativesRankingLoss), plus FLOPS regularisers on the query and document
@@ -28,9 +31,25 @@ from sentence_transformers.sparse_encoder.losses import CachedSpladeLoss, Sparse
 from torch import nn
 
 from .data import json_lines, tsv_rows
-from .errors import UsageError, at_least, loading, positive, seed, steps
+from .errors import UsageError, at_least, check_writable, loading, positive, seed, steps
+from .mining import (
+    MARGIN,
+    MINED_SET,
+    MINING_RECORD,
+    WINDOW,
+    MiningSettings,
+    candidate_passages,
+    check_enough_passages,
+    holds_only_a_mined_set,
+    load_passages,
+    mine,
+    reusable_mined_set,
+    source_name,
+    write_mined_set,
+)
 from .model_folder import save_atomically
-from .sentence_transformer import load_sentence_transformer
+from .modeling_retromae import quiet_loading
+from .sentence_transformer import load_sentence_transformer, to_sentence_transformer
 from .sparse_encoder import load_sparse_encoder
 from .training import AtomicCheckpoints, StopOnInterrupt, add_run_arguments, check_output_dir, check_report_to, resume_checkpoint
 
@@ -79,16 +98,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-steps", type=at_least(1), default=500, help="Checkpoint every N steps. Default: 500.")
     parser.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...). Default: none.")
     add_run_arguments(parser)
+    add_mining_arguments(parser)
+
+
+def add_mining_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of hard-negative mining (docs/evaluation.md#hard-negatives)."""
+    mining = parser.add_argument_group(
+        "hard negatives",
+        f"Mine negatives with the model before it trains. The mined set is saved as OUTPUT_DIR/{MINED_SET} (a --train-data file) "
+        f"with OUTPUT_DIR/{MINING_RECORD}, and reused by a run with the same settings.",
+    )
+    mining.add_argument(
+        "--mine-hard-negatives", type=at_least(1), metavar="K",
+        help="Add K hard negatives to every example, mined with the model being fine-tuned (with --sparse: the first-token state of its "
+        "encoder) from the training data's passages and --corpus. Negatives the data already has are kept, before them.",
+    )
+    mining.add_argument(
+        "--corpus", metavar="PATH",
+        help="With --mine-hard-negatives: more passages to mine from, in any form `retromae pretrain --train-data` reads "
+        "(text, JSON lines, parquet, CSV/TSV files or folders of them, a saved or Hub dataset).",
+    )
+    mining.add_argument("--text-column", help="With --corpus: the column that holds its texts; text when not given.")
+    mining.add_argument(
+        "--mining-margin", type=at_least(0, float), metavar="MARGIN",
+        help=f"With --mine-hard-negatives: skip a candidate scoring above the positive's score less MARGIN times it; {MARGIN} "
+        f"(at most {1 - MARGIN:.0%}% of the positive's score) when not given.",
+    )
+    mining.add_argument(
+        "--mining-window", type=at_least(0), nargs=2, metavar=("SKIP", "DEPTH"),
+        help=f"With --mine-hard-negatives: skip the SKIP most similar candidates the margin leaves and take none ranked below DEPTH; "
+        f"{WINDOW[0]} {WINDOW[1]} when not given.",
+    )
+    mining.add_argument(
+        "--mining-model", metavar="MODEL",
+        help="With --mine-hard-negatives: mine with this SentenceTransformer-loadable model (folder or Hub id) instead.",
+    )
 
 
 def run(args: argparse.Namespace) -> Path:
     """Fine-tune as `args` say; return the folder of the final model."""
     check_sparse_arguments(args)
+    mining = mining_settings(args)
     check_report_to(args.report_to)
-    check_output_dir(args)
+    check_output_folder(args, mining)
     dataset = load_examples(args.train_data)
     warn_if_few_pairs(dataset, args.batch_size, args.train_data)
+    mined_set = reusable_mined_set(Path(args.output_dir), mining) if mining and not args.overwrite else None
+    passages = passages_to_mine(dataset, mining) if mining and not mined_set else None
     model, loss, trainer_class = sparse_training(args) if args.sparse else dense_training(args)
+    if mined_set:
+        print(f"Reusing the hard negatives mined before with the same settings, {mined_set}: not mining again.")
+    elif mining:
+        mined_set = mine_into_output_dir(args, mining, dataset, passages, model)
+    if mined_set:
+        dataset = load_examples(mined_set)
     interrupt = StopOnInterrupt()
     trainer = trainer_class(model=model, args=training_arguments(args, trainer_class), train_dataset=dataset, loss=loss, callbacks=[interrupt])
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
@@ -109,6 +172,81 @@ def check_sparse_arguments(args: argparse.Namespace) -> None:
     if args.sparse:
         args.query_regularizer_weight = QUERY_REGULARIZER_WEIGHT if args.query_regularizer_weight is None else args.query_regularizer_weight
         args.document_regularizer_weight = DOCUMENT_REGULARIZER_WEIGHT if args.document_regularizer_weight is None else args.document_regularizer_weight
+
+
+def mining_settings(args: argparse.Namespace) -> MiningSettings | None:
+    """How to mine hard negatives, checked, the defaults filled in; `None` without --mine-hard-negatives, whose options are then refused."""
+    options = {
+        "--corpus": args.corpus,
+        "--text-column": args.text_column,
+        "--mining-margin": args.mining_margin,
+        "--mining-window": args.mining_window,
+        "--mining-model": args.mining_model,
+    }
+    given = [flag for flag, value in options.items() if value is not None]
+    if args.mine_hard_negatives is None:
+        if given:
+            raise UsageError(f"{given[0]} is an option of hard-negative mining: give it with --mine-hard-negatives K.")
+        return None
+    if args.text_column is not None and args.corpus is None:
+        raise UsageError("--text-column names the text column of --corpus: give it with --corpus PATH.")
+    skip, depth = args.mining_window or WINDOW
+    if args.mine_hard_negatives > depth - skip:
+        raise UsageError(
+            f"--mine-hard-negatives {args.mine_hard_negatives} does not fit in --mining-window {skip} {depth}, which takes "
+            f"{max(depth - skip, 0)} ranks: widen the window (DEPTH - SKIP at least K) or ask for fewer."
+        )
+    return MiningSettings(
+        negatives=args.mine_hard_negatives,
+        margin=MARGIN if args.mining_margin is None else args.mining_margin,
+        window=(skip, depth),
+        model=source_name(args.mining_model or args.model),
+        corpus=None if args.corpus is None else source_name(args.corpus),
+        text_column=args.text_column or "text",
+        seed=args.seed,
+        train_data=args.train_data,
+    )
+
+
+def check_output_folder(args: argparse.Namespace, mining: MiningSettings | None) -> None:
+    """
+    `check_output_dir`'s rules, except that when mining, an --output-dir holding nothing but a mined set (a run
+    stopped after mining and before its first checkpoint, say by running out of memory) is taken up again.
+    """
+    if mining and not args.resume and holds_only_a_mined_set(Path(args.output_dir)):
+        check_writable("--output-dir", Path(args.output_dir))
+    else:
+        check_output_dir(args)
+
+
+def passages_to_mine(examples: datasets.Dataset, mining: MiningSettings) -> list[str]:
+    """The passages to mine from (--corpus read first), checked to leave every example K candidates."""
+    corpus = load_passages(mining.corpus, mining.text_column) if mining.corpus else []
+    passages = candidate_passages(examples, corpus)
+    check_enough_passages(examples, passages, mining.negatives, mining.corpus)
+    return passages
+
+
+def mine_into_output_dir(args: argparse.Namespace, mining: MiningSettings, examples: datasets.Dataset, passages: list[str], model) -> Path:
+    """Mine with the mining model, say what was found, and write the mined set to --output-dir; its path."""
+    print(f"Mining {mining.negatives} hard negatives for each of {len(examples):,} examples among {len(passages):,} passages with {mining.model}")
+    mined = mine(examples, mining_model(args, model), mining, passages)
+    print(mined.summary(mining.negatives))
+    return write_mined_set(Path(args.output_dir), mined, mining)
+
+
+def mining_model(args: argparse.Namespace, model) -> SentenceTransformer:
+    """
+    The model that mines: --mining-model, else the model being fine-tuned, or for a sparse one its encoder's
+    first-token state (sentence-transformers' `mine_hard_negatives` takes dense models only).
+    """
+    if args.mining_model:
+        with loading("--mining-model", args.mining_model):
+            return load_sentence_transformer(args.mining_model)
+    if args.sparse:
+        with loading("--model", args.model), quiet_loading():
+            return to_sentence_transformer(args.model, max_seq_length=model.max_seq_length)
+    return model
 
 
 def dense_training(args: argparse.Namespace) -> tuple[SentenceTransformer, nn.Module, type]:
