@@ -270,7 +270,7 @@ def test_a_dupmae_run_writes_the_sparse_retriever_of_its_released_encoder(corpus
     texts = ["a query about retrieval", "the bag of words of a passage"]
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "model")
     with torch.no_grad():
-        expected = splade_embedding(AutoModelForMaskedLM.from_pretrained(output_dir / "model").eval(), tokenizer(texts, padding=True, return_tensors="pt"))
+        expected = splade_embedding(AutoModelForMaskedLM.from_pretrained(output_dir / "model", trust_remote_code=True).eval(), tokenizer(texts, padding=True, return_tensors="pt"))
         sparse = SparseEncoder(str(output_dir / "sparse")).encode(texts, convert_to_tensor=True).to_dense()
     torch.testing.assert_close(sparse, expected, atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "v1").exists()

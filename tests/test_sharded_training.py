@@ -15,7 +15,7 @@ from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from safetensors.torch import load_file
 from torch.distributed.run import get_args_parser as torchrun_parser
-from transformers import BertForMaskedLM
+from transformers import BertModel
 
 from retromae import PretrainingSettings, RetroMAEConfig, RetroMAEForPreTraining
 from retromae.engines import Engine, fsdp_units, read_engine
@@ -208,9 +208,11 @@ def test_fsdp_on_two_cpu_processes_resumes_to_the_same_weights_and_releases_the_
     assert whole.keys() == resumed.keys()
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
-    release = BertForMaskedLM.from_pretrained(tmp_path / "whole" / "model")  # the family's own checkpoint, whole
-    assert release.bert.embeddings.word_embeddings.weight.shape == (release.config.vocab_size, 128)
+    release = BertModel.from_pretrained(tmp_path / "whole" / "model")  # the family's own checkpoint, whole
+    assert release.embeddings.word_embeddings.weight.shape == (release.config.vocab_size, 128)
     assert not any(name.startswith("decoder.") for name in whole)
+    parts = load_file(tmp_path / "whole" / "model" / "retromae_parts.safetensors")  # the MLM head and the decoder, gathered whole too
+    assert parts["decoder.layers.0.output.dense.weight"].shape == (128, release.config.intermediate_size)
 
 
 @pytest.mark.slow
