@@ -11,7 +11,7 @@ from .pretraining import pretrain
 from .settings import PretrainingSettings, add_arguments as add_pretraining_arguments
 from .diagnostics import CURVES_FILE, PICTURE_FORMATS, check_picture_name, draw_training_curves, read_metrics
 from .errors import Destination, Interrupted, UsageError, at_least, read_json_object
-from .evaluate import HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
+from .evaluate import BATCH_SIZE, HYBRID_DENSE_WEIGHT, METRICS, evaluate, evaluate_hybrid, load_beir, load_model, load_sparse_model
 from .hub import ReleaseError, convert, convert_sparse, export_plain, release
 from .hub.card import TEMPLATE
 from .modeling_retromae import ENCODER_FAMILIES
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--dense-weight", type=float, metavar="W", help="With --hybrid: the dense ranking's weight w in [0, 1]; 0.5 when not given.")
     evaluation.add_argument("--split", default="test", help="Which qrels/<split>.tsv to score.")
-    evaluation.add_argument("--batch-size", type=at_least(1), default=32, help="Texts per encoding batch.")
+    evaluation.add_argument("--batch-size", type=at_least(1), default=BATCH_SIZE, help="Texts per encoding batch.")
     evaluation.add_argument("--output", default="retrieval_metrics.json", help="Where the figures are written as JSON (checked before scoring).")
     evaluation.add_argument("--overwrite", action="store_true", help="Replace an --output file that exists.")
 

@@ -16,6 +16,11 @@ case). On a fixed set of held-out passages, whose masks are drawn once by the ru
   finds its second half among all second halves by cosine (MRR@10, recall@10);
 - DupMAE's BoW loss (`bow_loss`), for a DupMAE model.
 
+With `--eval-retrieval DIR` an evaluation also ranks the user's own BEIR folder as `retromae
+evaluate` would rank it with the run's release at that step (`eval_retrieval.py`): nDCG@10 and
+Recall@100 of the first-token embedding, and for DupMAE of the sparse model and the fusion. Either
+kind of evaluation, or both, makes the run evaluate itself (`RunEvaluation`).
+
 Each evaluation is a line on the console, an `eval_`-prefixed log for the Trainer's integrations
 (TensorBoard, W&B) and a record of OUTPUT_DIR/metrics.jsonl; the records become the picture
 OUTPUT_DIR/model/training_curves.png and the first and last become a table of the model card.
@@ -28,12 +33,15 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .collator import RetroMAECollator
 from .errors import DiagnosticsError, UsageError
+from .eval_retrieval import RetrievalEvaluation, evaluate_retrieval
 from .modeling_retromae import IGNORE_INDEX, LOGITS_CHUNK, RetroMAEForPreTraining
 from .run_passages import HeldOutSet
 
@@ -53,8 +61,16 @@ LABELS = {
     "span_recall_at_10": "span retrieval recall@10",
     "bow_loss": "BoW loss",
 }
-# What every evaluation record holds (the BoW loss only where the objective has one).
+# What an evaluation on --eval-retrieval reports (sparse and hybrid for DupMAE), in the same order.
+RETRIEVAL_LABELS = {
+    f"{retriever}_{metric}": f"{retriever} retrieval {name}"
+    for retriever in ("dense", "sparse", "hybrid")
+    for metric, name in (("ndcg_at_10", "nDCG@10"), ("recall_at_100", "Recall@100"))
+}
+# What every held-out evaluation record holds (the BoW loss only where the objective has one).
 RECORD_FIELDS = ("step", "passages", "seconds", *[name for name in LABELS if name != "bow_loss"])
+# What a record of an evaluation on --eval-retrieval alone holds (the sparse and hybrid figures only for DupMAE).
+RETRIEVAL_RECORD_FIELDS = ("step", "seconds", "retrieval_queries", "retrieval_documents", "dense_ndcg_at_10", "dense_recall_at_100")
 
 
 class BrokenRunError(UsageError):
@@ -62,6 +78,36 @@ class BrokenRunError(UsageError):
 
 
 # The measurements.
+
+
+@dataclass
+class RunEvaluation:
+    """
+    What a run evaluates itself on, the Trainer's `eval_dataset`: its held-out passages, the user's
+    retrieval task, or both; `batch` is one the model's forward takes, which FSDP runs before the
+    evaluation's passes (`engines.whole`).
+    """
+
+    held_out: HeldOutSet | None
+    retrieval: RetrievalEvaluation | None
+    batch: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, held_out: HeldOutSet | None, retrieval: RetrievalEvaluation | None, collator: RetroMAECollator) -> "RunEvaluation | None":
+        """The run's evaluation, `None` where it has neither kind; `batch` is the held-out set's first, or one of the task's first passage."""
+        if held_out is None and retrieval is None:
+            return None
+        return cls(held_out, retrieval, held_out.batches[0] if held_out is not None else collator(retrieval.first_texts(1)))
+
+
+def evaluate_run(model: RetroMAEForPreTraining, evaluation: RunEvaluation) -> dict[str, float]:
+    """The figures of every evaluation the run makes (`evaluate_held_out` with the passages counted, `evaluate_retrieval`)."""
+    figures = {}
+    if evaluation.held_out is not None:
+        figures |= evaluate_held_out(model, evaluation.held_out) | {"passages": len(evaluation.held_out)}
+    if evaluation.retrieval is not None:
+        figures |= evaluate_retrieval(model, evaluation.retrieval)
+    return figures
 
 
 @torch.no_grad()
@@ -218,7 +264,8 @@ def evaluation_record(line: bytes) -> dict:
         raise ValueError(f"is not valid JSON ({error.msg})") from None
     if not isinstance(record, dict):
         raise ValueError(f"is not an evaluation record (a JSON {type(record).__name__}, not an object)")
-    missing = [name for name in RECORD_FIELDS if not isinstance(record.get(name), (int, float))]
+    fields = RETRIEVAL_RECORD_FIELDS if "retrieval_queries" in record and "passages" not in record else RECORD_FIELDS
+    missing = [name for name in fields if not isinstance(record.get(name), (int, float))]
     if missing:
         raise ValueError(f"is not an evaluation record (it has no number {', '.join(map(repr, missing))})")
     return record
@@ -238,36 +285,54 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not records:
         state = "is empty" if metrics.path.is_file() else "does not exist"
         raise DiagnosticsError(
-            f"{metrics.path} {state}: the run has no evaluation to draw (pretrain with --eval-data or --eval-split writes one)."
+            f"{metrics.path} {state}: the run has no evaluation to draw (pretrain with --eval-data or --eval-split, or --eval-retrieval, writes one)."
         )
     return records
 
 
 def console_line(step: int, logs: dict) -> str:
-    """One readable line of an evaluation's `eval_` logs."""
-    figure = lambda name: logs[f"eval_{name}"]  # noqa: E731
-    line = (
-        f"eval step {step} ({logs['eval_passages']} held-out passages, {logs['eval_seconds']:.1f} s): "
-        f"encoder {figure('encoder_loss'):.4f} acc {figure('encoder_accuracy'):.3f}  "
-        f"decoder {figure('decoder_loss'):.4f} acc {figure('decoder_accuracy'):.3f}  "
-        f"embedding information {figure('embedding_information'):.4f} nats/token  "
-        f"span MRR@10 {figure('span_mrr_at_10'):.3f} recall@10 {figure('span_recall_at_10'):.3f}"
-    )
-    return line + (f"  BoW {figure('bow_loss'):.4f}" if "eval_bow_loss" in logs else "")
+    """One readable line of an evaluation's `eval_` logs: the held-out figures, the retrieval figures, or both."""
+    record = {name.removeprefix("eval_"): value for name, value in logs.items()}
+    parts = []
+    if "passages" in record:
+        parts.append(
+            f"encoder {record['encoder_loss']:.4f} acc {record['encoder_accuracy']:.3f}  "
+            f"decoder {record['decoder_loss']:.4f} acc {record['decoder_accuracy']:.3f}  "
+            f"embedding information {record['embedding_information']:.4f} nats/token  "
+            f"span MRR@10 {record['span_mrr_at_10']:.3f} recall@10 {record['span_recall_at_10']:.3f}"
+            + (f"  BoW {record['bow_loss']:.4f}" if "bow_loss" in record else "")
+        )
+    parts += [
+        f"{retriever} nDCG@10 {record[f'{retriever}_ndcg_at_10']:.3f} R@100 {record[f'{retriever}_recall_at_100']:.3f}"
+        for retriever in ("dense", "sparse", "hybrid")
+        if f"{retriever}_ndcg_at_10" in record
+    ]
+    return f"eval step {step} ({evaluated_on(record)}, {record['seconds']:.1f} s): " + "  ".join(parts)
 
 
-def training_evaluation(records: list[dict]) -> dict | None:
-    """What the release's record (and so the model card) keeps of the evaluations: the first and the last, the picture's name, the cost."""
+def evaluated_on(record: dict) -> str:
+    """What an evaluation record's figures were measured on: held-out passages, the retrieval task, or both."""
+    sizes = [f"{record['passages']} held-out passages"] if "passages" in record else []
+    if "retrieval_queries" in record:
+        sizes.append(f"{record['retrieval_queries']:,} queries over {record['retrieval_documents']:,} passages")
+    return "; ".join(sizes)
+
+
+def training_evaluation(records: list[dict], retrieval: dict | None = None) -> dict | None:
+    """
+    What the release's record (and so the model card) keeps of the evaluations: the first and the last, the picture's name,
+    the cost, the held-out passages, and `retrieval`, the description of the --eval-retrieval task, where there is one.
+    """
     if not records:
         return None
     return {
-        "passages": records[-1]["passages"],
+        "passages": records[-1].get("passages"),
         "evaluations": len(records),
         "seconds": round(sum(record["seconds"] for record in records), 1),
         "first": records[0],
         "last": records[-1],
         "picture": CURVES_FILE,
-    }
+    } | ({"retrieval": retrieval} if retrieval else {})
 
 
 def check_picture_name(what: str, path: str | os.PathLike) -> None:
@@ -282,8 +347,9 @@ def check_picture_name(what: str, path: str | os.PathLike) -> None:
 
 def draw_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     """
-    The evaluations against steps, in four panels (losses, accuracies, embedding information, span
-    retrieval); each curve's first evaluation (step 0: the starting checkpoint) is drawn across as a dotted baseline.
+    The evaluations against steps, a panel for each kind of figure the records hold (losses, accuracies,
+    embedding information, span retrieval; retrieval on the --eval-retrieval task); each curve's first
+    evaluation (step 0: the starting checkpoint) is drawn across as a dotted baseline.
     The picture is written whole or not at all, in the format of its name's extension, with the folders above it.
     """
     import matplotlib
@@ -291,25 +357,28 @@ def draw_training_curves(records: list[dict], path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [record["step"] for record in records]
+    steps, last = [record["step"] for record in records], records[-1]
     baseline = "starting checkpoint" if steps[0] == 0 else f"first evaluation (step {steps[0]})"
     panels = [
         ("held-out losses (nats/token)", ["encoder_loss", "decoder_loss", "bow_loss"]),
         ("held-out accuracy", ["encoder_accuracy", "decoder_accuracy"]),
         ("embedding information (nats/token)", ["embedding_information"]),
         ("span retrieval (first half finds second)", ["span_mrr_at_10", "span_recall_at_10"]),
+        ("retrieval on your data (--eval-retrieval)", list(RETRIEVAL_LABELS)),
     ]
-    figure, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for axis, (title, names) in zip(axes, panels):
-        for name in (name for name in names if name in records[-1]):
+    panels = [(title, names) for title, names in panels if any(name in last for name in names)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+    for axis, (title, names) in zip(axes[0], panels):
+        for name in (name for name in names if name in last):
             values = [record.get(name, math.nan) for record in records]
-            (line,) = axis.plot(steps, values, marker="o", markersize=3, label=LABELS[name].split(" (")[0])
+            (line,) = axis.plot(steps, values, marker="o", markersize=3, label=(LABELS | RETRIEVAL_LABELS)[name].split(" (")[0])
             axis.axhline(values[0], color=line.get_color(), linestyle=":", linewidth=1)
+        if names == ["embedding_information"]:
+            axis.axhline(0, color="black", linewidth=0.6)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.legend(fontsize=8)
-    axes[2].axhline(0, color="black", linewidth=0.6)
-    figure.suptitle(f"{records[-1]['passages']} held-out passages; dotted: {baseline}", fontsize=10)
+    figure.suptitle(f"{evaluated_on(last)}; dotted: {baseline}", fontsize=10)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from .sparse_encoder import is_sparse_folder, load_sparse_encoder
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 RANKED = 100  # documents retrieved per query: the deepest cut of METRICS
 HYBRID_DENSE_WEIGHT = 0.5  # the dense ranking's weight in a fusion: the two count alike
+BATCH_SIZE = 32  # texts per encoding batch
 
 
 class EvaluationError(UsageError):
@@ -126,7 +127,7 @@ def check_kind(what: str, model_name_or_path: str, sparse: bool) -> None:
     raise EvaluationError(f"{what} {model_name_or_path} is not a {wanted} model: it is {found}; evaluate it {use}.")
 
 
-def evaluate(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int = 32) -> dict[str, float]:
+def evaluate(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int = BATCH_SIZE) -> dict[str, float]:
     """nDCG@10 (graded), MRR@10 and Recall@100 of `model` on `task`, ranking by the model's own similarity."""
     return score_run(rank(model, task, batch_size), task.relevant)
 
@@ -145,7 +146,7 @@ def score_run(run: dict[str, dict[str, float]], relevant: dict[str, dict[str, in
 
 
 def evaluate_hybrid(
-    dense: SentenceTransformer, sparse: SparseEncoder, task: RetrievalTask, dense_weight: float, batch_size: int = 32
+    dense: SentenceTransformer, sparse: SparseEncoder, task: RetrievalTask, dense_weight: float, batch_size: int = BATCH_SIZE
 ) -> dict[str, float]:
     """The figures of `fuse`'s ranking of `task` by the dense and the sparse model, the dense one weighing `dense_weight`."""
     return score_run(fuse(rank(dense, task, batch_size), rank(sparse, task, batch_size), dense_weight), task.relevant)
@@ -174,10 +175,10 @@ def min_max(scores: dict[str, float]) -> dict[str, float]:
     return {document: (value - low) / (high - low) if high > low else 1.0 for document, value in scores.items()}
 
 
-def rank(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int) -> dict[str, dict[str, float]]:
-    """The `RANKED` most similar documents of every query, best first, with their similarity: a trec_eval run."""
+def rank(model: SentenceTransformer | SparseEncoder, task: RetrievalTask, batch_size: int, progress: bool = True) -> dict[str, dict[str, float]]:
+    """The `RANKED` most similar documents of every query, best first, with their similarity: a trec_eval run (with a progress bar unless not `progress`)."""
     document_ids, query_ids = list(task.corpus), list(task.queries)
-    encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True)
+    encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
     documents = model.encode_document([task.corpus[d] for d in document_ids], **encode)
     queries = model.encode_query([task.queries[q] for q in query_ids], **encode)
     run = {}

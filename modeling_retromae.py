@@ -817,7 +817,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
         weights are this model's own, or those of the whole model in `weights` (a state dict
         gathered from the processes that train it sharded, whose own tensors are shards).
         """
-        config = self.encoder.config
+        config = copy.deepcopy(self.encoder.config)  # the training encoder's own config stays as it is
         for name in RETROMAE_FIELDS:
             setattr(config, name, getattr(self.config, name))
         model, masked_lm = RELEASED_ENCODERS[config.model_type]

@@ -5,7 +5,8 @@ checkpointing; a run wires the RetroMAE model, collator and corpus into it, in t
 
 1. the settings, resolved and checked (`settings.py`), and the sharding engine (`engines.py`);
 2. the model and tokenizer (`loading.py`), checked against the checkpoint a resumed run continues;
-3. the held-out and training passages (`run_passages.py`);
+3. the held-out passages, the user's retrieval task (`eval_retrieval.py`, read before the model
+   is loaded) and the training passages (`run_passages.py`);
 4. the Trainer and its callbacks (`trainer.py`), and training;
 5. the run's record and releases (`run_record.py`): the encoder without the decoder, as in the
    paper, and for DupMAE the sparse retriever beside it.
@@ -24,14 +25,16 @@ from transformers.training_args import ParallelMode
 from .collator import RetroMAECollator
 from .corpus import CorpusCounts, resolve_corpus
 from .data import CorpusError
-from .diagnostics import MetricsFile, training_evaluation
+from .diagnostics import MetricsFile, RunEvaluation, training_evaluation
 from .engines import FSDP_NOT_SHARDED, gathered_weights, read_engine
 from .errors import UsageError, loading
+from .eval_retrieval import RetrievalEvaluation, read_retrieval_data
 from .loading import build_model_and_tokenizer
 from .model_folder import safetensors_shapes
 from .modeling_retromae import RetroMAEForPreTraining
 from .run_passages import held_out_set, training_passages
 from .run_record import RELEASE_FOLDER, SPARSE_FOLDER, PretrainingResult, release_run, run_summary
+from .sentence_transformer import release_max_seq_length
 from .settings import PretrainingSettings, RUN_FILE, check, resolved, resumed_settings, write_run_file
 from .trainer import EpochCallback, LearningRateOnResume, LossLineProgressCallback, RetroMAETrainer, stopped_on_bad_record, training_arguments
 from .training import StopOnInterrupt, check_output_dir, check_report_to, finished_step, resume_checkpoint
@@ -51,6 +54,7 @@ def pretrain(settings: PretrainingSettings, callbacks: Sequence[TrainerCallback]
     check_report_to(settings.report_to)
     engine = read_engine(settings)
     check_output_dir(settings)
+    retrieval_data = read_retrieval_data(settings)
     source = resolve_corpus(settings.train_data, settings.dataset_config, settings.dataset_split) if settings.train_data else None
     model, tokenizer = build_model_and_tokenizer(settings)
     if checkpoint:
@@ -60,6 +64,9 @@ def pretrain(settings: PretrainingSettings, callbacks: Sequence[TrainerCallback]
             return PretrainingResult(settings, Path(settings.output_dir), Path(settings.output_dir) / RELEASE_FOLDER, None, step, already_finished=True)
     collator = RetroMAECollator.from_config(model.config, tokenizer, max_length=settings.max_length, seed=settings.seed)
     held_out = held_out_set(settings, source, tokenizer, collator)  # before the training corpus is read: its masks are drawn at epoch 0
+    max_seq_length = release_max_seq_length(settings.model, settings.max_length)  # where the release cuts inputs
+    retrieval = RetrievalEvaluation.build(retrieval_data, model, tokenizer, max_seq_length) if retrieval_data else None
+    evaluation = RunEvaluation.of(held_out, retrieval, collator)
     counts = CorpusCounts()
     dataset, records = training_passages(settings, source, tokenizer, counts)
     interrupt = StopOnInterrupt()
@@ -70,7 +77,7 @@ def pretrain(settings: PretrainingSettings, callbacks: Sequence[TrainerCallback]
         model=model,
         args=arguments,
         train_dataset=dataset,
-        eval_dataset=held_out,
+        eval_dataset=evaluation,
         data_collator=collator,
         callbacks=[EpochCallback(collator), interrupt, LearningRateOnResume(), *callbacks],
     )
@@ -91,9 +98,10 @@ def pretrain(settings: PretrainingSettings, callbacks: Sequence[TrainerCallback]
     weights = gathered_weights(trainer)
     result = PretrainingResult(settings, Path(settings.output_dir), model=None, sparse=None, steps=trainer.state.global_step)
     if trainer.is_world_process_zero():
-        evaluations = MetricsFile(settings.output_dir).records() if held_out is not None else []
+        evaluations = MetricsFile(settings.output_dir).records() if evaluation is not None else []
         summary = run_summary(settings, trainer, source, records, counts, dataset, time.perf_counter() - started)
-        result = release_run(settings, trainer, tokenizer, summary | {"training_evaluation": training_evaluation(evaluations)}, weights, evaluations)
+        described = training_evaluation(evaluations, retrieval_data.description() if retrieval_data else None)
+        result = release_run(settings, trainer, tokenizer, summary | {"training_evaluation": described}, weights, evaluations)
     trainer.accelerator.wait_for_everyone()
     return result
 

@@ -42,6 +42,7 @@ FULL_RUN = dict(max_length=512, batch_size=32, max_steps=-1)
 DEMO_RUN = dict(max_length=128, batch_size=16, max_steps=100)
 DEMO_EVALUATION = dict(eval_split=0.02, eval_size=48)  # held-out passages that keep evaluation within 5% of the demo's time
 EVAL_SIZE = 512
+EVAL_RETRIEVAL_CORPUS_SIZE = 10_000  # passages an --eval-retrieval corpus is cut down to: every judged one, the rest drawn at random
 MIN_PASSAGES = 16
 MAX_EVAL_SPLIT = 0.5
 # The settings RetroMAE's config defines and defaults.
@@ -124,6 +125,9 @@ class PretrainingSettings:
     eval_split: float | None = None
     eval_steps: int | None = None
     eval_size: int | None = None
+    # Evaluation on the user's own retrieval task.
+    eval_retrieval: str | None = None
+    eval_retrieval_corpus_size: int | None = None
     # Any other field of transformers' TrainingArguments.
     training_arguments: dict = field(default_factory=dict)
 
@@ -335,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", "--overwrite-output-dir", dest="overwrite", action="store_true", help="Allow an --output-dir that already holds files."
     )
 
-    evaluation = parser.add_argument_group("evaluation on held-out passages")
+    evaluation = parser.add_argument_group("evaluation (on held-out passages, on your own retrieval task)")
     evaluation.add_argument(
         "--eval-data",
         help="Held-out corpus to evaluate on, in any form --train-data takes (its first --eval-size passages are used).",
@@ -351,6 +355,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-size",
         type=at_least(MIN_PASSAGES),
         help=f"Held-out passages evaluated at most. Default: {EVAL_SIZE} (the demo: fewer, to keep it cheap).",
+    )
+    evaluation.add_argument(
+        "--eval-retrieval",
+        metavar="DIR",
+        help="At every evaluation (step 0, every --eval-steps, the last step), rank this BEIR folder's corpus for its judged "
+        "queries as `retromae evaluate` ranks them with the run's model at that step, and report nDCG@10 and Recall@100 "
+        "(for DupMAE also the sparse model's and the hybrid's). DIR holds corpus.jsonl, queries.jsonl and qrels/test.tsv. "
+        "Enough on its own to evaluate the run.",
+    )
+    evaluation.add_argument(
+        "--eval-retrieval-corpus-size",
+        type=at_least(1),
+        metavar="N",
+        help="Passages searched at most: a larger corpus is cut down to every passage judged relevant and others drawn at "
+        f"random (--seed). Default: {EVAL_RETRIEVAL_CORPUS_SIZE}.",
     )
 
     run_file = parser.add_argument_group("settings file")
@@ -437,8 +456,10 @@ def resolved(settings: PretrainingSettings, resumed: dict | None = None) -> Pret
         values["eval_split"] = demo.get("eval_split")
     if values["eval_size"] is None:
         values["eval_size"] = demo.get("eval_size", EVAL_SIZE)
-    if values["eval_steps"] is None and (values["eval_data"] is not None or values["eval_split"] is not None):
+    if values["eval_steps"] is None and any(values[name] is not None for name in ("eval_data", "eval_split", "eval_retrieval")):
         values["eval_steps"] = values["save_steps"]
+    if values["eval_retrieval"] is not None and values["eval_retrieval_corpus_size"] is None:
+        values["eval_retrieval_corpus_size"] = EVAL_RETRIEVAL_CORPUS_SIZE
     if values["model"] is None and values["config"] is None:
         if values["fresh_decoder"]:
             raise UsageError("--fresh-decoder needs --model: the checkpoint whose decoder it starts anew.")
@@ -534,13 +555,22 @@ def check_evaluation(settings: PretrainingSettings) -> None:
         raise UsageError("Give --eval-data or --eval-split, not both: the held-out passages come from one of them.")
     if settings.eval_split is not None and not 0.0 < settings.eval_split < MAX_EVAL_SPLIT:
         raise UsageError(f"--eval-split must lie strictly between 0 and {MAX_EVAL_SPLIT}, got {settings.eval_split}.")
-    if settings.eval_steps is not None and settings.eval_data is None and settings.eval_split is None:
-        raise UsageError("--eval-steps needs held-out passages to evaluate: give --eval-split or --eval-data too.")
+    if settings.eval_steps is not None and not evaluates(settings):
+        raise UsageError(
+            "--eval-steps needs held-out passages or a retrieval task to evaluate: give --eval-split, --eval-data or --eval-retrieval too."
+        )
+    if settings.eval_retrieval_corpus_size is not None and settings.eval_retrieval is None:
+        raise UsageError("--eval-retrieval-corpus-size bounds the corpus of --eval-retrieval DIR: give --eval-retrieval too.")
 
 
 def has_held_out(settings: PretrainingSettings) -> bool:
     """Whether the run evaluates held-out passages (`--eval-data` or `--eval-split`)."""
     return settings.eval_data is not None or settings.eval_split is not None
+
+
+def evaluates(settings: PretrainingSettings) -> bool:
+    """Whether the run evaluates itself: on held-out passages, on the user's retrieval task (`--eval-retrieval`), or both."""
+    return has_held_out(settings) or settings.eval_retrieval is not None
 
 
 RUN_FILE = "retromae_run.json"

@@ -1,7 +1,7 @@
 """The transformers `Trainer` of a pre-training run, and what is said while it trains.
 
 `RetroMAETrainer` logs the encoder, decoder (and DupMAE's bag-of-words) losses and tokens/s,
-evaluates on the held-out passages (`HeldOutEvaluation`), stops on a loss that is not finite and
+evaluates on the held-out passages and the user's retrieval task (`HeldOutEvaluation`), stops on a loss that is not finite and
 writes checkpoints atomically; its settings come from the run's (`training_arguments`). The
 callbacks draw new masks every epoch, keep the learning rate asked for on resume, and print one
 readable line per logging step.
@@ -20,11 +20,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .collator import RetroMAECollator
 from .data import CorpusError
-from .diagnostics import BrokenRunError, MetricsFile, console_line, evaluate_held_out
+from .diagnostics import BrokenRunError, MetricsFile, console_line, evaluate_run
 from .engines import Engine, deepspeed_config, fsdp_config, local, whole
 from .errors import UsageError
 from .modeling_retromae import RetroMAEForPreTraining, RetroMAEForPreTrainingOutput
-from .settings import PretrainingSettings, has_held_out
+from .settings import PretrainingSettings, evaluates
 from .training import AtomicCheckpoints
 
 
@@ -101,16 +101,16 @@ def trainer_settings(settings: PretrainingSettings, engine: Engine, model: Retro
 
 
 def evaluation_schedule(settings: PretrainingSettings) -> dict:
-    """The Trainer's settings for evaluation: at step 0, every `--eval-steps`, and at the last step (with held-out passages)."""
-    if not has_held_out(settings):
+    """The Trainer's settings for evaluation: at step 0, every `--eval-steps`, and at the last step (with held-out passages or a retrieval task)."""
+    if not evaluates(settings):
         return {"eval_strategy": "no"}
     return {"eval_strategy": "steps", "eval_steps": settings.eval_steps, "eval_on_start": True}
 
 
 class HeldOutEvaluation:
     """
-    Mixin for the pre-training `Trainer`: `evaluate` runs the held-out diagnostics (`eval_dataset`
-    is the `HeldOutSet`), and a loss or checkpoint that is not finite stops the run.
+    Mixin for the pre-training `Trainer`: `evaluate` runs the held-out diagnostics and the retrieval
+    evaluation (`eval_dataset` is the `RunEvaluation`), and a loss or checkpoint that is not finite stops the run.
 
     The Trainer calls `evaluate` on every process at step 0 (`eval_on_start`), every `eval_steps`
     and at the last step. One process computes it and the others wait at a barrier, so they stay
@@ -125,13 +125,13 @@ class HeldOutEvaluation:
             metrics.start(step)
         self._metrics_started = True
         recorded = self.is_world_process_zero() and any(record["step"] == step for record in metrics.records())
-        held_out = self.eval_dataset if eval_dataset is None else eval_dataset
+        evaluation = self.eval_dataset if eval_dataset is None else eval_dataset
         logs = {}
         if (self.is_world_process_zero() or self.is_fsdp_enabled or self.is_deepspeed_enabled) and not recorded:
             started = time.perf_counter()
-            with self.autocast_smart_context_manager(), whole(self.model, held_out.batches[0]) as model:
-                figures = evaluate_held_out(model, held_out)
-            figures |= {"passages": len(held_out), "seconds": round(time.perf_counter() - started, 2)}
+            with self.autocast_smart_context_manager(), whole(self.model, evaluation.batch) as model:
+                figures = evaluate_run(model, evaluation)
+            figures |= {"seconds": round(time.perf_counter() - started, 2)}
             if self.is_world_process_zero():
                 metrics.append({"step": step, **figures})
                 logs = {f"{metric_key_prefix}_{name}": value for name, value in figures.items()}
@@ -245,7 +245,7 @@ class LossLineProgressCallback(ProgressCallback):
     """The Trainer's progress bar, with one readable line per logging step."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and "eval_embedding_information" in logs:
+        if state.is_world_process_zero and self.training_bar is not None and "eval_seconds" in logs:
             return self.training_bar.write(console_line(state.global_step, logs))
         if not (state.is_world_process_zero and self.training_bar is not None and "encoder_loss" in logs):
             return super().on_log(args, state, control, logs=logs, **kwargs)

@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from ..citations import citations
-from ..diagnostics import LABELS
+from ..diagnostics import LABELS, RETRIEVAL_LABELS
 from ..errors import UsageError, is_hub_id
 from ..model_folder import public_name
 from ..modeling_retromae import RELEASE_PARTS_FILE
@@ -65,11 +65,12 @@ def model_card(
     sparse: bool = False,
     decoder: bool = False,
     source: str | Path | None = None,
+    mlm_head: bool = True,
 ) -> ModelCard:
     """
     The card of `repo_id`, from the run's settings (`retromae_pretraining.json`), `retromae evaluate`
     reports and the encoder's config (its family; BERT where it is not given); with `sparse`, the
-    card of the SPLADE model made from the encoder's MLM head; `decoder` says whether the release keeps its decoder;
+    card of the SPLADE model made from the encoder's MLM head; `decoder` and `mlm_head` say whether the release keeps them;
     `source` is the folder released, which a report of it names ("this model").
     """
     encoder = encoder or {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
@@ -99,7 +100,7 @@ def model_card(
         "sparse": sparse,
         "model_type": encoder["model_type"],
         "architecture": (encoder.get("architectures") or ["its family's ...ForMaskedLM"])[0],
-        "parts_sentence": parts_sentence(repo_id, decoder),
+        "parts_sentence": parts_sentence(repo_id, decoder, mlm_head),
     }
     check_template_fields(Path(template), fields)
     card = ModelCard.from_template(data, template_path=str(template), **fields)
@@ -175,24 +176,47 @@ def evaluated_model(report: dict, source: str | Path | None) -> str:
 
 
 def training_evaluation_section(evaluation: dict | None) -> str:
-    """The held-out evaluations of pre-training: the picture (where the release has it) and the first and last evaluation."""
+    """
+    The evaluations of pre-training (held-out passages, the `--eval-retrieval` task): the picture (where the release
+    has it) and the first and last evaluation.
+    """
     if not evaluation:
-        return "Not recorded: the run held out no passages (`retromae pretrain --eval-data` or `--eval-split` evaluates on some)."
+        return (
+            "Not recorded: the run held out no passages (`retromae pretrain --eval-data` or `--eval-split` evaluates on some) "
+            "and had no retrieval task (`--eval-retrieval`)."
+        )
     first, last = evaluation["first"], evaluation["last"]
     picture = [f"![Held-out evaluation during pre-training]({evaluation['picture']})", ""] if evaluation.get("picture") else []
-    rows = [f"| {label} | {first[key]:.4f} | {last[key]:.4f} |" for key, label in LABELS.items() if key in first and key in last]
+    labels = LABELS | RETRIEVAL_LABELS
+    rows = [f"| {label} | {first[key]:.4f} | {last[key]:.4f} |" for key, label in labels.items() if key in first and key in last]
+    held_out = (
+        f"Evaluated during pre-training on {evaluation['passages']} held-out passages, with the same masks every time "
+        f"({evaluation['evaluations']} evaluations). Embedding information is the decoder's loss with another "
+        "passage's sentence embedding minus with its own: what the embedding tells the decoder. Span retrieval finds "
+        "each passage's second half from its first half's embedding among all second halves."
+        if evaluation.get("passages")
+        else f"Evaluated {evaluation['evaluations']} times during pre-training."
+    )
     return "\n".join(
         [
             *picture,
-            f"Evaluated during pre-training on {evaluation['passages']} held-out passages, with the same masks every time "
-            f"({evaluation['evaluations']} evaluations). Embedding information is the decoder's loss with another "
-            "passage's sentence embedding minus with its own: what the embedding tells the decoder. Span retrieval finds "
-            "each passage's second half from its first half's embedding among all second halves.",
+            " ".join([held_out, *([retrieval_sentence(evaluation["retrieval"])] if evaluation.get("retrieval") else [])]),
             "",
             f"| held-out figure | step {first['step']} | step {last['step']} |",
             "|---|---|---|",
             *rows,
         ]
+    )
+
+
+def retrieval_sentence(retrieval: dict) -> str:
+    """What the retrieval figures of pre-training are: `retromae evaluate`'s on the `--eval-retrieval` task, and on how much of its corpus."""
+    part = f" (of its {retrieval['corpus']:,}: every one judged relevant, the others drawn at random)"
+    return (
+        f"The retrieval figures rank {retrieval['documents']:,} passages of {retrieval['data']}"
+        f"{part if retrieval['documents'] < retrieval['corpus'] else ''} for its {retrieval['queries']:,} judged queries, "
+        "as `retromae evaluate` ranks them with the model of that step: dense by the first-token embedding (cosine), "
+        "sparse by the SPLADE model of the MLM head, hybrid by their fusion."
     )
 
 
@@ -249,8 +273,13 @@ def check_card(content: str) -> None:
         model_index_to_eval_results(metadata["model-index"])
 
 
-def parts_sentence(repo_id: str, decoder: bool) -> str:
-    """What the release keeps beside the encoder (`retromae_parts.safetensors`), and what it is for."""
+def parts_sentence(repo_id: str, decoder: bool, mlm_head: bool) -> str:
+    """What the release keeps beside the encoder (`retromae_parts.safetensors`), and what it is for; nothing where it keeps nothing."""
+    if not mlm_head:
+        return (
+            "The repository holds the encoder alone, without the MLM head and the decoder of its pre-training: "
+            "pre-training continued from it starts both afresh."
+        )
     continued = (
         f"and the trained decoder: `retromae pretrain --model {repo_id}` continues pre-training with both (on a corpus of your domain, say)"
         if decoder

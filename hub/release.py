@@ -88,7 +88,17 @@ def release(
     with loading("MODEL_DIR", str(source)):
         decoder_weights = source_decoder(source) if decoder and not sparse else {}
     card = model_card(
-        repo_id, pretraining, list(evaluations), license, language, template, encoder, sparse=sparse, decoder=bool(decoder_weights), source=source
+        repo_id,
+        pretraining,
+        list(evaluations),
+        license,
+        language,
+        template,
+        encoder,
+        sparse=sparse,
+        decoder=bool(decoder_weights),
+        source=source,
+        mlm_head=sparse or has_mlm_head(source),
     )
     write = assemble_sparse if sparse else functools.partial(assemble, decoder=decoder_weights)
     check = check_sparse_release if sparse else check_release

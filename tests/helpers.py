@@ -73,6 +73,16 @@ def run_pretraining(argv: list[str], callbacks=()) -> PretrainingResult:
     return pretrain(parsed_settings(argv), callbacks)
 
 
+class LogRecorder(TrainerCallback):
+    """What the Trainer hands its loggers (TensorBoard, W&B): every `on_log` payload, with its step."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
 class CrashAfter(TrainerCallback):
     """Simulates a killed run: raises once the given step has been checkpointed."""
 
@@ -156,6 +166,12 @@ def assert_same_loss_and_gradients(plain, other, batch, atol, other_forward=None
 ROUTES_SCRIPT = Path(__file__).with_name("load_every_route.py")
 # transformers' notice on every first download of remote code, whoever wrote it; it names the code files.
 REMOTE_CODE_NOTICE = "A new version of the following files was downloaded"
+# Words a tiny vocabulary of their own spells whole: corpora whose passages and halves are unlike one another.
+WORDS = (
+    "river mountain engine violin harbour glacier orchard lantern compiler falcon meadow canyon theorem prism "
+    "monsoon cathedral tundra satellite protein lagoon sonnet quarry magnet bamboo volcano archive beacon "
+    "cactus nebula parchment tractor saffron turbine walrus yeast zephyr anchor bishop copper dolphin emerald"
+).split()
 REPO_ID = "org/tiny-retromae"
 COMMIT = "c" * 40
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard
-from transformers import AutoTokenizer, BertModel, BertTokenizerFast, TrainerCallback
+from transformers import AutoTokenizer, BertModel, BertTokenizerFast
 
 from retromae import PretrainingSettings, RetroMAECollator, RetroMAEForPreTraining, diagnostics, run_passages
 from retromae.cli import main
@@ -20,14 +20,7 @@ from retromae.run_passages import HeldOutSet
 from retromae.hub import release
 
 from conftest import tiny_retromae_config
-from helpers import CrashAfter, evaluation_record, resolved_settings, run_pretraining, tiny_run
-
-
-WORDS = (
-    "river mountain engine violin harbour glacier orchard lantern compiler falcon meadow canyon theorem prism "
-    "monsoon cathedral tundra satellite protein lagoon sonnet quarry magnet bamboo volcano archive beacon "
-    "cactus nebula parchment tractor saffron turbine walrus yeast zephyr anchor bishop copper dolphin emerald"
-).split()
+from helpers import WORDS, CrashAfter, LogRecorder, evaluation_record, resolved_settings, run_pretraining, tiny_run
 
 
 def sentence(generator: random.Random, words: int) -> str:
@@ -43,16 +36,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(CORPUS) + "\n")
     return path
-
-
-class LogRecorder(TrainerCallback):
-    """What the Trainer hands its loggers (TensorBoard, W&B): every `on_log` payload."""
-
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append((state.global_step, dict(logs)))
 
 
 @pytest.fixture(scope="module")
