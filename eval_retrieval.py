@@ -65,7 +65,8 @@ def read_retrieval_data(settings: PretrainingSettings) -> RetrievalData | None:
         return None
     folder = settings.eval_retrieval
     if not Path(folder).expanduser().is_dir():
-        raise DiagnosticsError(f"{FLAG} {folder}: no such folder (a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv).")
+        state = "not a folder" if Path(folder).expanduser().exists() else "no such folder"
+        raise DiagnosticsError(f"{FLAG} {folder}: {state} (give a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv).")
     try:
         task = load_beir(Path(folder).expanduser())
     except EvaluationError as error:

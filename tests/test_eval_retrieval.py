@@ -178,7 +178,8 @@ def broken(world, tmp_path, what: str) -> Path:
 @pytest.mark.parametrize(
     "what, message",
     [
-        ("missing", "--eval-retrieval MISSING: no such folder (a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv)."),
+        ("missing", "--eval-retrieval MISSING: no such folder (give a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv)."),
+        ("a file", "--eval-retrieval MISSING: not a folder (give a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv)."),
         ("corpus.jsonl", "--eval-retrieval BROKEN: BROKEN/corpus.jsonl is missing: a BEIR folder holds"),
         ("queries.jsonl", "BROKEN/queries.jsonl is missing"),
         ("qrels/test.tsv", "BROKEN/qrels/test.tsv is missing"),
@@ -190,7 +191,9 @@ def broken(world, tmp_path, what: str) -> Path:
 )
 def test_a_bad_retrieval_task_exits_2_with_one_line_before_the_model_loads(world, tmp_path, capsys, monkeypatch, what, message):
     monkeypatch.setattr("retromae.pretraining.build_model_and_tokenizer", lambda settings: pytest.fail("the model was loaded"))
-    folder = tmp_path / "missing" if what == "missing" else broken(world, tmp_path, what)
+    folder = tmp_path / "missing" if what in ("missing", "a file") else broken(world, tmp_path, what)
+    if what == "a file":
+        folder.write_text("query\tpassage\n")
     arguments = pretraining(world, tmp_path / "run", "--eval-retrieval", str(folder))
     if what == "size without the task":
         arguments = [*arguments[: arguments.index("--eval-retrieval")], "--eval-retrieval-corpus-size", "20"]
