@@ -191,8 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--model",
         help="Checkpoint (folder or Hub id) to start from: a masked-LM encoder of the families "
-        f"{', '.join(ENCODER_FAMILIES)} (its ...ForMaskedLM or base-model layout), or a RetroMAE pre-training "
-        "checkpoint. Default: the all-MiniLM-L6-v2 weights of the demo extra.",
+        f"{', '.join(ENCODER_FAMILIES)} (its ...ForMaskedLM or base-model layout), a release of this package (its MLM "
+        "head and decoder continue), or a RetroMAE pre-training checkpoint. Default: the all-MiniLM-L6-v2 weights of the demo extra.",
     )
     source.add_argument(
         "--fresh-decoder",
