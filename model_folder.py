@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 from .configuration_retromae import RETROMAE_FIELDS
 from .errors import is_hub_id
-from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, decoder_part, encoder_family, quiet_loading, read_release_parts
+from .modeling_retromae import RELEASED_ENCODERS, RetroMAEForPreTraining, encoder_family, quiet_loading, read_release_parts
 
 
 PRETRAINING_FILE = "retromae_pretraining.json"
@@ -118,7 +118,7 @@ def source_decoder(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     if folder_model_type(source) == "retromae":
         with quiet_loading():
             return RetroMAEForPreTraining.from_pretrained(source).decoder_weights()
-    return {f"decoder.{key}": tensor for key, tensor in decoder_part(read_release_parts(source)).items()}
+    return {name: tensor for name, tensor in read_release_parts(source).items() if name.startswith("decoder.")}
 
 
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> None:

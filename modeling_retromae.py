@@ -760,7 +760,7 @@ class RetroMAEForPreTraining(RetroMAEPreTrainedModel):
             encoder, info = AutoModelForMaskedLM.from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, attn_implementation=parts.get("encoder", parts.get("")), **kwargs
             )
-        head, decoder = mlm_head_part(released), ({} if fresh_decoder else decoder_part(released))
+        head, decoder = release_part(released, "encoder"), ({} if fresh_decoder else release_part(released, "decoder"))
         encoder.load_state_dict(head, strict=False)
         # A release's config keeps the settings it was pre-trained with: they are the defaults of its continuation.
         settings = {name: getattr(encoder.config, name) for name in RETROMAE_FIELDS if hasattr(encoder.config, name)} | settings
@@ -1391,7 +1391,7 @@ class RetroMAEEncoderForMaskedLM(RetroMAEReleasedEncoder):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """The family's checkpoint; a release's MLM head, kept in its `RELEASE_PARTS_FILE`, is read from there."""
-        head = mlm_head_part(read_release_parts(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_ARGUMENTS if k in kwargs}))
+        head = release_part(read_release_parts(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_ARGUMENTS if k in kwargs}), "encoder")
         if not head:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -1409,14 +1409,9 @@ class RetroMAEEncoderForMaskedLM(RetroMAEReleasedEncoder):
         return {f"encoder.{key}": tensor.clone() for key, tensor in self.state_dict().items() if not key.startswith(prefix) and tensor.data_ptr() != tied}
 
 
-def mlm_head_part(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MLM head's tensors of a release's parts, named as in the family's `...ForMaskedLM`."""
-    return {key.removeprefix("encoder."): tensor for key, tensor in parts.items() if key.startswith("encoder.")}
-
-
-def decoder_part(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder's tensors of a release's parts, named as in `RetroMAEDecoder`."""
-    return {key.removeprefix("decoder."): tensor for key, tensor in parts.items() if key.startswith("decoder.")}
+def release_part(parts: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """The tensors of one module of a release's parts (`"encoder"`: the MLM head; `"decoder"`), named as in that module."""
+    return {key.removeprefix(f"{module}."): tensor for key, tensor in parts.items() if key.startswith(f"{module}.")}
 
 
 # The encoder classes of the families of `ENCODER_FAMILIES`, the names a release's `auto_map` gives.
